@@ -1,0 +1,3 @@
+from .base import Drafter
+
+__all__ = ["Drafter"]

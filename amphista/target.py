@@ -1,0 +1,147 @@
+"""The frozen target model, reached only through its public forward.
+
+`TargetModel` wraps any `transformers` causal LM: it runs the base model to get the last hidden state
+(after the final norm) and applies the output embedding itself, so that logits are computed only at the
+positions the caller needs. Tree verification passes a 4D additive float mask, depth-based position ids
+and our `TreeCache` through the model's ordinary forward; no modeling file is forked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+# Attention back-ends that accept an arbitrary 4D mask. Flash-attention kernels cannot take a tree mask.
+TREE_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor | None  # (1, q, V) float32, or None when not asked for
+    hidden: torch.Tensor  # (1, q, d) last hidden state after the final norm
+
+
+class TargetModel:
+    """A frozen causal LM plus what the decoder needs to know about it."""
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in TREE_ATTENTION:
+            if impl is not None and "flash" in str(impl):
+                # Switching the implementation on a loaded model is supported by transformers >= 5.
+                model.set_attn_implementation("sdpa")
+            else:
+                model.set_attn_implementation("sdpa")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.config = model.config
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.text_config = text_config
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.embed_tokens = model.get_input_embeddings()
+        self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.hidden_size = int(text_config.hidden_size)
+        self.max_context = int(getattr(text_config, "max_position_embeddings", 0) or 0) or None
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.logit_scale = getattr(text_config, "logit_scale", None)
+        self.architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        self.name_or_path = getattr(model.config, "_name_or_path", "") or ""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | None = None):
+        """Load a local Hugging Face causal LM directory (and its tokenizer, when present)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = str(path)
+        if not os.path.isdir(path):
+            raise InputError(f"target {path!r} is not a directory: pass a local Hugging Face model folder")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        if device:
+            model.to(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            tokenizer = None
+        return cls(model, tokenizer)
+
+    @classmethod
+    def wrap(cls, target) -> TargetModel:
+        if isinstance(target, TargetModel):
+            return target
+        if isinstance(target, (str, os.PathLike)):
+            return cls.load(target)
+        if isinstance(target, nn.Module) and hasattr(target, "get_output_embeddings"):
+            return cls(target)
+        raise InputError(
+            f"cannot use {type(target).__name__} as a target: pass a transformers causal LM, "
+            "a local model directory or an amphista.TargetModel"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    def eos_token_ids(self) -> list[int]:
+        ids = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if ids is None:
+            ids = getattr(self.text_config, "eos_token_id", None)
+        if ids is None:
+            return []
+        return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d) -> float32 logits (..., V), with the model's own scaling and soft-capping."""
+        logits = self.lm_head(hidden).float()
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        cache=None,
+        logits_at: slice | torch.Tensor | None = None,
+    ) -> TargetOutput:
+        """One forward. input_ids (1, q); attention_mask a 4D additive float mask (1, 1, q, kv) or None
+        for plain causal attention; logits_at selects the positions whose logits are needed (None: all)."""
+        out = self.base(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        hidden = out.last_hidden_state  # (1, q, d)
+        sel = hidden if logits_at is None else hidden[:, logits_at]
+        return TargetOutput(logits=self.logits(sel), hidden=hidden)
+
+    @torch.inference_mode()
+    def forward_train(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-sequence forward for training: (hidden (B, T, d), logits (B, T, V) float32)."""
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state
+        return hidden, self.logits(hidden)
