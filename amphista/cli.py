@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module, __package__)
         except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(__package__ + module.split(".")[1 if module.count(".") == 1 else 1]):
-                continue  # this subcommand's module is not written yet
+            if e.name and (__package__ + module).startswith(e.name):
+                continue  # an optional subcommand whose module is absent from this install
+
             raise
         mod.add_parser(sub)
     return parser
