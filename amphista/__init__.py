@@ -1,12 +1,24 @@
 """amphista: lossless speculative decoding with bi-directional multi-head drafters."""
 
+from .decoder import SpeculativeDecoder
+from .drafters import Drafter
 from .errors import AmphistaError, CheckpointError, DrafterMismatchError, InputError, TreeError
+from .generation import GenerateOutput
 from .target import TargetModel
+from .tree import TreeSpec, build_tree
+from .vanilla import VanillaDecoder, vanilla_generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmphistaError",
+    "Drafter",
+    "GenerateOutput",
+    "SpeculativeDecoder",
+    "TreeSpec",
+    "VanillaDecoder",
+    "build_tree",
+    "vanilla_generate",
     "CheckpointError",
     "DrafterMismatchError",
     "InputError",

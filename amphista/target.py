@@ -42,7 +42,9 @@ class TargetModel:
             p.requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = model.config
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text_config = (
+            model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        )
         self.text_config = text_config
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self.lm_head = model.get_output_embeddings()

@@ -1,3 +1,4 @@
 from .base import Drafter
+from .testing import AdversarialDrafter, OracleDrafter, RandomDrafter
 
-__all__ = ["Drafter"]
+__all__ = ["AdversarialDrafter", "Drafter", "OracleDrafter", "RandomDrafter"]

@@ -1,0 +1,163 @@
+"""The speculative decode loop: draft a tree, verify it in one target forward, commit the accepted path.
+
+One step (METHOD.md):
+  1. drafter: K per-head logits from the last committed position -> top-k -> candidate tree tokens
+  2. target: one forward over the N tree tokens with the tree mask and depth positions
+  3. verify: greedy / lossless rejection sampling / typical acceptance -> accepted nodes + bonus token
+  4. commit: compact the KV cache to the accepted path; hand the accepted hidden states to the drafter
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .drafters.base import Drafter
+from .errors import InputError, TreeError
+from .generation import Decoder, Request, sync
+from .sampling import sample, target_probs
+from .tree import TreeBuffers, TreeSpec
+from .verify import verify_greedy, verify_sampling, verify_typical
+
+
+class TreeMask:
+    """The 4D additive mask (1, 1, N, L + N) for a tree whose root sits at cache position L.
+
+    One buffer per request: each step zeroes the columns the previous tree used (now committed or free)
+    and writes the tree block at L, so nothing of size L is rebuilt per step.
+    """
+
+    def __init__(self, buf: TreeBuffers, max_len: int, dtype: torch.dtype, device, window: int | None, types):
+        self.buf, self.window, self.types = buf, window, types
+        self.min = torch.finfo(dtype).min
+        self.block = torch.zeros(buf.num_nodes, buf.num_nodes, dtype=dtype, device=device)
+        self.block.masked_fill_(~buf.mask, self.min)
+        self.full = torch.zeros(1, 1, buf.num_nodes, max_len, dtype=dtype, device=device)
+        self.dirty = 0
+
+    def __call__(self, start: int):
+        n = self.buf.num_nodes
+        if self.dirty < start:
+            self.full[..., self.dirty : start] = 0.0
+        self.full[..., start : start + n] = self.block
+        self.dirty = start
+        full = self.full[..., : start + n]
+        if self.window is None:
+            return full
+        # Sliding-window layers may not look further back than `window` positions.
+        q_pos = start + self.buf.depth  # (N,)
+        kv_pos = torch.cat([torch.arange(start, device=q_pos.device), q_pos])  # (L + N,)
+        too_far = (q_pos[:, None] - kv_pos[None, :]) >= self.window
+        sliding = full.masked_fill(too_far, self.min) if bool(too_far.any()) else full
+        if self.types is None:
+            return sliding
+        return {"full_attention": full, "sliding_attention": sliding}
+
+
+class SpeculativeDecoder(Decoder):
+    """`SpeculativeDecoder(target, drafter, tree="mc_sim_7b_63").generate(input_ids, max_new_tokens=128)`."""
+
+    def __init__(self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None):
+        super().__init__(target, tokenizer)
+        if not isinstance(drafter, Drafter):
+            raise InputError(f"drafter must be an amphista Drafter, got {type(drafter).__name__}")
+        drafter.attach(self.target)
+        self.drafter = drafter.eval()
+        self.set_tree(tree)
+        cfg = self.target.text_config
+        self.window = (
+            getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        )
+        layer_types = getattr(cfg, "layer_types", None)
+        self.layer_types = sorted(set(layer_types)) if layer_types else None
+        if self.layer_types:
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise InputError(
+                    f"the target uses attention layer types {sorted(unknown)} which tree verification does not "
+                    "support yet: use a model with full or sliding-window attention"
+                )
+            if "sliding_attention" not in self.layer_types:
+                self.window = None
+
+    def set_tree(self, tree) -> None:
+        spec = TreeSpec.load(tree, self.drafter.num_heads)
+        if spec.depth > self.drafter.num_heads:
+            raise TreeError(
+                f"the tree is {spec.depth} levels deep but the drafter has {self.drafter.num_heads} heads: "
+                f"use a tree of depth <= {self.drafter.num_heads} (e.g. amphista.build_tree) or a drafter with more heads"
+            )
+        if spec.max_rank >= self.target.vocab_size:
+            raise TreeError(
+                f"the tree asks for rank {spec.max_rank} but the vocabulary has {self.target.vocab_size} tokens"
+            )
+        self.tree = spec
+        self.buffers = TreeBuffers(spec, self.target.device)
+        self.extra_cache = spec.num_nodes
+
+    @torch.inference_mode()
+    def _run(self, request: Request) -> Iterator[list[int]]:
+        target, drafter, buf, params = self.target, self.drafter, self.buffers, request.params
+        device = target.device
+        t0 = time.perf_counter()
+        cache = self._new_cache(request)
+        mask = TreeMask(buf, cache.max_len, target.dtype, device, self.window, self.layer_types)
+        drafter.reset(cache.max_len)
+        depth, k = self.tree.depth, self.tree.max_rank + 1
+        generated: list[int] = []
+        accept_lengths: list[int] = []
+        step_times: list[float] = []
+
+        # Prefill: the prompt, then the first token from the target alone.
+        ts = time.perf_counter()
+        prompt = torch.tensor([request.prompt], device=device)
+        out = target.forward(
+            prompt,
+            position_ids=torch.arange(prompt.shape[1], device=device)[None],
+            cache=cache,
+            logits_at=slice(-1, None),
+        )
+        first = self._pick(out.logits[0, -1], request)
+        draft_in = (out.hidden, torch.cat([prompt[:, 1:], torch.tensor([[first]], device=device)], 1), 0)
+        sync(device)
+        step_times.append(time.perf_counter() - ts)
+        emitted, reason = request.stop(generated, [first])
+        accept_lengths.append(len(emitted))
+        yield emitted
+        root = first
+
+        while reason is None:
+            ts = time.perf_counter()
+            start = cache.length  # position of the root
+            draft_logits = drafter.draft(*draft_in)  # (K, V)
+            top = torch.topk(draft_logits[:depth], k, dim=-1).indices  # (D, k)
+            tokens = torch.cat([torch.tensor([root], device=device), top[buf.head, buf.rank]])  # (N,)
+            out = target.forward(
+                tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start), cache=cache
+            )
+            logits = out.logits[0]  # (N, V)
+            if params.greedy:
+                nodes, idx, bonus = verify_greedy(tokens, logits, buf)
+            elif request.acceptance == "typical":
+                nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.generator)
+            else:
+                nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.generator)
+            cache.commit(start, idx, len(nodes))
+            new = tokens[idx[1:]].tolist() + [bonus]
+            emitted, reason = request.stop(generated, new)
+            # The drafter gets the committed positions' hidden states paired with their successor tokens.
+            draft_in = (out.hidden[:, idx], torch.tensor([new], device=device), start)
+            root = bonus
+            sync(device)
+            step_times.append(time.perf_counter() - ts)
+            accept_lengths.append(len(emitted))
+            yield emitted
+        return self._output(request, generated, accept_lengths, reason, t0, step_times)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, request: Request) -> int:
+        if request.params.greedy:
+            return int(logits.argmax())
+        return sample(target_probs(logits, request.params), request.generator)

@@ -1,0 +1,90 @@
+"""A pre-allocated KV cache that tree verification can compact in place.
+
+Each layer owns (1, H, max_len, D) buffers written by position index (as in gpt-fast), so accepting a
+path costs a copy of a few rows and rejecting costs nothing. The model sees only the filled prefix, so
+attention never runs over empty slots. It plugs into any `transformers` model as `past_key_values`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class TreeKVLayer(DynamicLayer):
+    """One layer's buffers. `length` entries are committed; `update` appends after them."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        dv = value_states.shape[-1]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buf = torch.zeros(b, h, self.max_len, dk, dtype=key_states.dtype, device=key_states.device)
+        self.value_buf = torch.zeros(
+            b, h, self.max_len, dv, dtype=value_states.dtype, device=value_states.device
+        )
+        self.keys, self.values = self.key_buf[:, :, :0], self.value_buf[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions for a cache of {self.max_len}")
+        self.key_buf[:, :, start:end] = key_states
+        self.value_buf[:, :, start:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        if self.is_initialized:
+            self.keys, self.values = self.key_buf[:, :, :length], self.value_buf[:, :, :length]
+
+    def compact(self, start: int, keep: torch.Tensor | None, n_keep: int) -> None:
+        """Keep the entries at start + keep (sorted, relative) as start .. start + n_keep - 1."""
+        if self.is_initialized and keep is not None:
+            src = keep + start
+            self.key_buf[:, :, start : start + n_keep] = self.key_buf.index_select(2, src)
+            self.value_buf[:, :, start : start + n_keep] = self.value_buf.index_select(2, src)
+        self.set_length(start + n_keep)
+
+    def reset(self) -> None:
+        self.set_length(0)
+
+
+class TreeCache(Cache):
+    """The target's KV cache for one sequence of at most `max_len` positions (prompt + new + tree)."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        super().__init__(layers=[TreeKVLayer(max_len) for _ in range(num_layers)])
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def commit(self, start: int, keep: torch.Tensor, n_keep: int) -> None:
+        """After a tree forward that wrote nodes at start.., keep only `keep` (node indices, ascending).
+
+        When the accepted nodes already sit at start .. start + n_keep - 1 (a top-1 chain), no copy is made.
+        """
+        contiguous = bool(keep[-1].item() == n_keep - 1) if n_keep > 0 else True
+        for layer in self.layers:
+            layer.compact(start, None if contiguous else keep, n_keep)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.set_length(length)

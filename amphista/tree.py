@@ -1,0 +1,208 @@
+"""Token trees: validation, the per-tree buffers the decoder needs, and a builder from head accuracies.
+
+A tree is a list of paths in Medusa's format: each path is a list of top-k ranks, one per head, so the
+node [0, 2] is "head 0's top-1 token, then head 1's top-3 token". The root (the last committed token) is
+implicit. Node i of the flattened tree (0 = root) is verified at position prefix_len + depth(i).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+
+import torch
+
+from .errors import TreeError
+
+NAMED_TREES = ("mc_sim_7b_63", "chain")
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A validated tree: paths sorted by depth then ranks, so a parent always precedes its children."""
+
+    paths: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_paths(cls, paths) -> TreeSpec:
+        if isinstance(paths, TreeSpec):
+            return paths
+        if not isinstance(paths, (list, tuple)) or len(paths) == 0:
+            raise TreeError("a tree must be a non-empty list of paths such as [[0], [1], [0, 0]]")
+        seen = set()
+        for i, path in enumerate(paths):
+            if not isinstance(path, (list, tuple)) or len(path) == 0:
+                raise TreeError(
+                    f"tree path #{i} is {path!r}: each path must be a non-empty list of top-k ranks"
+                )
+            if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in path):
+                raise TreeError(f"tree path #{i} is {path!r}: ranks must be non-negative integers")
+            key = tuple(path)
+            if key in seen:
+                raise TreeError(f"tree path {list(key)} appears twice: remove the duplicate")
+            seen.add(key)
+        for key in seen:
+            if len(key) > 1 and key[:-1] not in seen:
+                raise TreeError(
+                    f"tree path {list(key)} has no parent {list(key[:-1])}: every prefix of a path must also be a path"
+                )
+        return cls(tuple(sorted(seen, key=lambda p: (len(p), p))))
+
+    @classmethod
+    def chain(cls, depth: int) -> TreeSpec:
+        return cls.from_paths([[0] * d for d in range(1, depth + 1)])
+
+    @classmethod
+    def load(cls, tree, num_heads: int | None = None) -> TreeSpec:
+        """A TreeSpec from a name ("mc_sim_7b_63", "chain"), a JSON file path or a list of paths."""
+        if isinstance(tree, TreeSpec):
+            return tree
+        if isinstance(tree, str):
+            if tree == "chain":
+                if num_heads is None:
+                    raise TreeError("the 'chain' tree needs the drafter's number of heads")
+                return cls.chain(num_heads)
+            if tree in NAMED_TREES:
+                text = resources.files("amphista").joinpath("assets", "trees", f"{tree}.json").read_text()
+                return cls.from_paths(json.loads(text))
+            if os.path.isfile(tree):
+                try:
+                    with open(tree) as f:
+                        data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise TreeError(
+                        f"tree file {tree!r} is not valid JSON ({e}): it must hold a list of paths"
+                    ) from e
+                if isinstance(data, dict) and "paths" in data:
+                    data = data["paths"]
+                return cls.from_paths(data)
+            raise TreeError(
+                f"unknown tree {tree!r}: use one of {', '.join(NAMED_TREES)}, a JSON file of paths, or a list of paths"
+            )
+        return cls.from_paths(tree)
+
+    @property
+    def depth(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    @property
+    def num_nodes(self) -> int:
+        """Tokens verified per step, root included."""
+        return len(self.paths) + 1
+
+    @cached_property
+    def max_rank(self) -> int:
+        return max(max(p) for p in self.paths)
+
+    def to_json(self) -> list[list[int]]:
+        return [list(p) for p in self.paths]
+
+    def expected_accept_length(self, rank_probs: list[list[float]]) -> float:
+        """tau under independent heads: 1 (bonus) + sum over nodes of the product of rank probabilities."""
+        total = 1.0
+        for path in self.paths:
+            prob = 1.0
+            for head, rank in enumerate(path):
+                row = rank_probs[head] if head < len(rank_probs) else []
+                prob *= row[rank] if rank < len(row) else 0.0
+            total += prob
+        return total
+
+
+class TreeBuffers:
+    """Index tensors built once per tree and device; every step reuses them."""
+
+    def __init__(self, spec: TreeSpec, device: torch.device | str = "cpu"):
+        self.spec = spec
+        n = spec.num_nodes
+        index = {p: i + 1 for i, p in enumerate(spec.paths)}
+        parent = [0] + [index.get(p[:-1], 0) for p in spec.paths]
+        depth = [0] + [len(p) for p in spec.paths]
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[:, 0] = True
+        for i, p in enumerate(spec.paths, start=1):
+            for d in range(1, len(p) + 1):
+                mask[i, index[p[:d]]] = True
+        mask[0, 0] = True
+        # One row per leaf: the node indices from the root down, padded by repeating the leaf.
+        leaves = [p for p in spec.paths if not any(q[: len(p)] == p and len(q) > len(p) for q in spec.paths)]
+        retrieve = torch.zeros(len(leaves), spec.depth + 1, dtype=torch.long)
+        valid = torch.zeros(len(leaves), spec.depth + 1, dtype=torch.bool)
+        for row, leaf in enumerate(leaves):
+            chain = [0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)]
+            retrieve[row, : len(chain)] = torch.tensor(chain)
+            retrieve[row, len(chain) :] = chain[-1]
+            valid[row, : len(chain)] = True
+        children: list[list[int]] = [[] for _ in range(n)]
+        for i in range(1, n):
+            children[parent[i]].append(i)
+        for c in children:  # try siblings best rank first
+            c.sort(key=lambda i: spec.paths[i - 1][-1])
+
+        self.num_nodes = n
+        self.device = torch.device(device)
+        self.parent = torch.tensor(parent, device=device)  # (N,)
+        self.depth = torch.tensor(depth, device=device)  # (N,)
+        self.mask = mask.to(device)  # (N, N) node i may attend to node j
+        self.retrieve = retrieve.to(device)  # (P, D+1)
+        self.valid = valid.to(device)  # (P, D+1)
+        self.children = children
+        # Candidate i (1..N-1) is rank `rank[i]` of head `head[i]`.
+        self.head = torch.tensor([len(p) - 1 for p in spec.paths], device=device)  # (N-1,)
+        self.rank = torch.tensor([p[-1] for p in spec.paths], device=device)  # (N-1,)
+
+
+def rank_probs_from_topk(topk_acc: list[list[float]]) -> list[list[float]]:
+    """Cumulative top-k accuracies per head -> probability that rank r is the right token."""
+    probs = []
+    for row in topk_acc:
+        prev, out = 0.0, []
+        for acc in row:
+            out.append(max(float(acc) - prev, 0.0))
+            prev = max(prev, float(acc))
+        probs.append(out)
+    return probs
+
+
+def build_tree(topk_acc: list[list[float]], num_nodes: int) -> TreeSpec:
+    """The tree of `num_nodes` tokens (root included) with the highest expected accepted length.
+
+    topk_acc[h][k] is head h's measured top-(k+1) accuracy. Under Medusa's independence assumption a
+    node's value is the product of its ranks' probabilities; a child never beats its parent, so taking
+    nodes best-first from a frontier gives the optimal prefix-closed set.
+    """
+    if num_nodes < 2:
+        raise TreeError(f"a tree needs at least 2 nodes (the root and one candidate), got {num_nodes}")
+    probs = rank_probs_from_topk(topk_acc)
+    if not probs or not all(probs):
+        raise TreeError("head accuracies must be a non-empty list of per-head top-k accuracy lists")
+    frontier = [(-probs[0][r], (r,)) for r in range(len(probs[0]))]
+    heapq.heapify(frontier)
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < num_nodes - 1:
+        neg, path = heapq.heappop(frontier)
+        chosen.append(path)
+        if len(path) < len(probs):
+            for r, p in enumerate(probs[len(path)]):
+                heapq.heappush(frontier, (neg * p, path + (r,)))
+    return TreeSpec.from_paths([list(p) for p in chosen])
+
+
+def load_accuracies(path: str | os.PathLike) -> list[list[float]]:
+    """Read per-head top-k accuracies from a JSON file written by training or `heads-accuracy`."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TreeError(f"cannot read head accuracies from {str(path)!r}: {e}") from e
+    if isinstance(data, dict):
+        data = data.get("top_k") or data.get("topk") or data.get("accuracy")
+    if not isinstance(data, list) or not all(isinstance(r, list) and r for r in data):
+        raise TreeError(
+            f'{str(path)!r} holds no head accuracies: expected {{"top_k": [[top1, top2, ...] per head]}}'
+        )
+    return [[float(x) for x in row] for row in data]
