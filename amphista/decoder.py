@@ -147,6 +147,8 @@ class SpeculativeDecoder(Decoder):
             cache.commit(start, idx, len(nodes))
             new = tokens[idx[1:]].tolist() + [bonus]
             emitted, reason = request.stop(generated, new)
+            if reason is not None:  # drop what was accepted past the stop: the cache holds what was emitted
+                cache.truncate(len(request.prompt) + len(generated) - 1)
             # The drafter gets the committed positions' hidden states paired with their successor tokens.
             draft_in = (out.hidden[:, idx], torch.tensor([new], device=device), start)
             root = bonus

@@ -1,0 +1,89 @@
+"""Tree-forward logits equal per-path sequential logits; the compacted cache equals recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, hf_greedy, tiny_target
+from transformers import DynamicCache
+
+import amphista
+from amphista.decoder import TreeMask
+from amphista.drafters import OracleDrafter
+from amphista.kv_cache import TreeCache
+from amphista.target import TargetModel
+from amphista.tree import TreeBuffers, TreeSpec
+
+
+def _tree_vs_paths(model, dtype, atol):
+    target = TargetModel(model)
+    spec = TreeSpec.load("mc_sim_7b_63")
+    buf = TreeBuffers(spec)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 97, (1, 11), generator=g)
+    tokens = torch.randint(3, 97, (spec.num_nodes,), generator=g)  # (N,) node 0 is the root
+
+    cache = TreeCache(target.num_layers, 11 + spec.num_nodes)
+    target.forward(prefix, position_ids=torch.arange(11)[None], cache=cache)
+    mask = TreeMask(buf, cache.max_len, target.dtype, "cpu", None, None)
+    tree_logits = target.forward(tokens[None], position_ids=(11 + buf.depth)[None], attention_mask=mask(11),
+                                 cache=cache).logits[0]  # (N, V)
+
+    # Each node's path from the root, run as an ordinary causal sequence after the prefix.
+    ancestors = [torch.nonzero(buf.mask[i]).flatten() for i in range(spec.num_nodes)]
+    for i in range(spec.num_nodes):
+        seq = torch.cat([prefix[0], tokens[ancestors[i]]])[None]
+        ref = target.forward(seq).logits[0, -1]
+        torch.testing.assert_close(tree_logits[i], ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tree_logits_equal_per_path_logits_fp32(arch):
+    _tree_vs_paths(tiny_target(arch, seed=2), torch.float32, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tree_logits_equal_per_path_logits_half(dtype):
+    _tree_vs_paths(tiny_target("llama", seed=2, dtype=dtype), dtype, atol=0.1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_compacted_cache_equals_fresh_forward(arch):
+    model = tiny_target(arch, seed=3)
+    prompt = [5, 9, 11, 20]
+    ref = hf_greedy(model, prompt, 40)
+    dec = amphista.SpeculativeDecoder(model, OracleDrafter(ref, 97, 32, error_rate=0.35, seed=1), "mc_sim_7b_63")
+    captured = {}
+    original = TreeCache.commit
+
+    def spy(self, start, keep, n_keep):
+        original(self, start, keep, n_keep)
+        captured["cache"] = self
+
+    TreeCache.commit = spy
+    try:
+        out = dec.generate(prompt, max_new_tokens=40, eos_token_id=[])
+    finally:
+        TreeCache.commit = original
+    cache = captured["cache"]
+    seq = out.sequences[0].tolist()
+    assert any(a > 1 for a in out.accept_lengths[1:]) and any(a < 5 for a in out.accept_lengths[1:])
+    # The cache holds every committed token but the newest (the next root, not yet run).
+    assert cache.length == len(seq) - 1
+    fresh = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([seq[:-1]]), past_key_values=fresh, use_cache=True)
+    for layer, ref_layer in zip(cache.layers, fresh.layers):
+        # Sliding-window layers of the reference keep only their window; ours keep everything.
+        n = ref_layer.keys.shape[2]
+        assert n == layer.keys.shape[2] or getattr(ref_layer, "is_sliding", False)
+        torch.testing.assert_close(layer.keys[:, :, -n:], ref_layer.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.values[:, :, -n:], ref_layer.values, atol=1e-5, rtol=0)
+
+
+def test_cache_is_sized_by_the_request_not_the_context(llama):
+    dec = amphista.SpeculativeDecoder(llama, OracleDrafter([], 97, 32), "mc_sim_7b_63")
+    req = dec._request([1, 2, 3], max_new_tokens=10)
+    cache = dec._new_cache(req)
+    assert cache.max_len == 3 + 10 + 64
+    assert llama.config.max_position_embeddings == 256
