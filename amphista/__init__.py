@@ -1,5 +1,6 @@
 """amphista: lossless speculative decoding with bi-directional multi-head drafters."""
 
+from .bundled import load_default_target
 from .decoder import SpeculativeDecoder
 from .drafters import Drafter
 from .errors import AmphistaError, CheckpointError, DrafterMismatchError, InputError, TreeError
@@ -19,6 +20,7 @@ __all__ = [
     "VanillaDecoder",
     "build_tree",
     "vanilla_generate",
+    "load_default_target",
     "CheckpointError",
     "DrafterMismatchError",
     "InputError",
