@@ -15,7 +15,7 @@ from .base import Drafter
 
 
 class _Stub(Drafter):
-    def __init__(self, vocab_size: int, hidden_size: int, num_heads: int, seed: int = 0):
+    def __init__(self, vocab_size: int, hidden_size: int, num_heads: int = 4, seed: int = 0):
         super().__init__()
         self.vocab_size, self.hidden_size, self.num_heads = vocab_size, hidden_size, num_heads
         self.generator = torch.Generator().manual_seed(seed)

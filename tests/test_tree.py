@@ -1,0 +1,91 @@
+"""Tree specs: validation, buffers, and the builder from head accuracies."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+import amphista
+from amphista.tree import TreeBuffers, TreeSpec, build_tree, load_accuracies, rank_probs_from_topk
+
+# Medusa's published Vicuna-7B top-1 accuracies with plausible top-k growth.
+ACC = [[0.56, 0.70, 0.76, 0.80], [0.32, 0.45, 0.52, 0.57], [0.20, 0.30, 0.36, 0.40], [0.15, 0.23, 0.28, 0.32]]
+
+
+@pytest.mark.parametrize(
+    "paths, match",
+    [
+        ([], "non-empty list"),
+        ("[[0]]x", "unknown tree"),
+        ([[0], []], "non-empty list of top-k ranks"),
+        ([[0], [-1]], "non-negative integers"),
+        ([[0], [0.5]], "non-negative integers"),
+        ([[0], [0]], "appears twice"),
+        ([[0], [1, 0]], "has no parent \\[1\\]"),
+    ],
+)
+def test_invalid_trees(paths, match):
+    with pytest.raises(amphista.TreeError, match=match):
+        TreeSpec.load(paths)
+
+
+def test_invalid_tree_file(tmp_path):
+    bad = tmp_path / "tree.json"
+    bad.write_text("[[0], [1")
+    with pytest.raises(amphista.TreeError, match="not valid JSON"):
+        TreeSpec.load(str(bad))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([[0], [0, 0]]))
+    assert TreeSpec.load(str(good)).num_nodes == 3
+
+
+def test_medusa_default_tree_and_buffers():
+    spec = TreeSpec.load("mc_sim_7b_63")
+    assert spec.num_nodes == 64 and spec.depth == 4
+    buf = TreeBuffers(spec)
+    # Every node attends to itself and exactly its ancestors, root included.
+    for i, path in enumerate(spec.paths, start=1):
+        assert int(buf.mask[i].sum()) == len(path) + 1
+        assert int(buf.depth[i]) == len(path)
+        assert spec.paths[int(buf.parent[i]) - 1] == path[:-1] if len(path) > 1 else int(buf.parent[i]) == 0
+    # Retrieve rows end at leaves and cover every node.
+    covered = set(buf.retrieve[buf.valid].tolist())
+    assert covered == set(range(spec.num_nodes))
+
+
+@pytest.mark.parametrize("nodes", [8, 22, 35, 45, 64, 128])
+def test_builder_sizes_and_validity(nodes):
+    spec = build_tree(ACC, nodes)
+    assert spec.num_nodes == nodes
+    assert spec.depth <= len(ACC)
+    TreeSpec.from_paths(spec.to_json())  # prefix-closed and without duplicates
+
+
+def test_builder_is_optimal_on_a_small_instance():
+    acc = [[0.5, 0.7, 0.8], [0.3, 0.45, 0.5], [0.2, 0.3, 0.35]]
+    probs = rank_probs_from_topk(acc)
+    all_paths = [p for d in range(1, 4) for p in itertools.product(range(3), repeat=d)]
+    best = 0.0
+    for subset in itertools.combinations(all_paths, 5):
+        s = set(subset)
+        if all(len(p) == 1 or p[:-1] in s for p in s):
+            best = max(best, TreeSpec.from_paths([list(p) for p in s]).expected_accept_length(probs))
+    built = build_tree(acc, 6)
+    assert built.expected_accept_length(probs) == pytest.approx(best)
+
+
+def test_bigger_trees_never_expect_less():
+    probs = rank_probs_from_topk(ACC)
+    taus = [build_tree(ACC, n).expected_accept_length(probs) for n in (8, 16, 32, 64, 128)]
+    assert taus == sorted(taus) and taus[-1] > taus[0]
+
+
+def test_load_accuracies(tmp_path):
+    f = tmp_path / "acc.json"
+    f.write_text(json.dumps({"top_k": ACC}))
+    assert load_accuracies(f) == ACC
+    f.write_text(json.dumps({"something": 1}))
+    with pytest.raises(amphista.TreeError, match="holds no head accuracies"):
+        load_accuracies(f)
