@@ -2,7 +2,7 @@
 
 from .bundled import load_default_target
 from .decoder import SpeculativeDecoder
-from .drafters import Drafter
+from .drafters import AmphistaConfig, AmphistaDrafter, Drafter, MedusaConfig, MedusaDrafter, load_drafter
 from .errors import AmphistaError, CheckpointError, DrafterMismatchError, InputError, TreeError
 from .generation import GenerateOutput
 from .target import TargetModel
@@ -12,6 +12,11 @@ from .vanilla import VanillaDecoder, vanilla_generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmphistaConfig",
+    "AmphistaDrafter",
+    "MedusaConfig",
+    "MedusaDrafter",
+    "load_drafter",
     "AmphistaError",
     "Drafter",
     "GenerateOutput",

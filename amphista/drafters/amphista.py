@@ -1,0 +1,79 @@
+"""Amphista (Li et al., NAACL 2025): SAL along time, K ResBlocks, then the heads attend to each other (AEB).
+
+    h_t, embed(x_{t+1}) -> SAL (causal, cached) -> a_t -> K ResBlocks -> h'_1..K -> AEB (bidirectional
+    over K) -> K vocabulary heads -> logits for x_{t+2} .. x_{t+1+K}
+
+Initialised so that the untrained drafter equals the untrained Medusa one (docs/METHOD.md): every
+residual branch starts at zero and the fusion passes h_t through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .aeb import AutoEmbeddingBlock
+from .common import HeadDrafter
+from .config import AmphistaConfig
+from .heads import ResBlocks, VocabProjection
+from .sal import StagedAdaptation
+
+
+class AmphistaDrafter(HeadDrafter):
+    drafter_type = "amphista"
+    config_class = AmphistaConfig
+
+    def __init__(self, config: AmphistaConfig):
+        super().__init__(config)
+        c = config
+        self.sal = StagedAdaptation(c) if c.use_sal else None
+        self.resblocks = ResBlocks(c.num_heads, c.hidden_size, c.resblock_layers)
+        self.aeb = AutoEmbeddingBlock(c) if c.aeb_layers > 0 else None
+        self.vocab = VocabProjection(
+            c.num_heads,
+            c.hidden_size,
+            c.vocab_size,
+            c.shared_lm_head,
+            c.head_norm,
+            c.head_bias,
+            c.rms_norm_eps,
+        )
+        # split variant: which SAL stage output each head reads; None when all read the same one.
+        stages = c.head_stages() if c.use_sal and c.sal_variant == "split" else None
+        self._head_stage = None if stages is None else torch.tensor(stages, device="cpu")
+
+    def features(self, hidden, next_tokens, position_ids=None) -> torch.Tensor:
+        h = hidden.to(self.dtype)  # (B, T, d)
+        a = h if self.sal is None else self.sal(h, self._embed(next_tokens), position_ids)
+        return self._heads(a)
+
+    def _heads(self, a: torch.Tensor) -> torch.Tensor:
+        """a (B, T, d), or (B, T, S, d) per SAL stage for the split variant -> (B, T, K, d)."""
+        per_head = self._head_stage is not None
+        if per_head:
+            if self._head_stage.device != a.device:
+                self._head_stage = self._head_stage.to(a.device)
+            a = a.index_select(-2, self._head_stage)  # (B, T, K, d)
+        x = self.resblocks(a, per_head=per_head)  # (B, T, K, d)
+        if self.aeb is not None:
+            x = self.aeb(x.reshape(-1, *x.shape[-2:])).view(x.shape)  # (B*T, K, d): one group per position
+        return x
+
+    @torch.inference_mode()
+    def reset(self, max_length: int) -> None:
+        if self.sal is not None:
+            self.sal.reset(max_length, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def draft(self, hidden, next_tokens, start_pos):
+        """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, V) for the last one."""
+        h = hidden.to(self.dtype)
+        if self.sal is None:
+            a = h[:, -1:]
+        else:
+            a = self.sal.step(h, self._embed(next_tokens), start_pos)[:, -1:]  # (1, 1, [S,] d)
+        return self.project(self._heads(a)).view(self.num_heads, self.vocab_size)
+
+    @property
+    def cache_length(self) -> int:
+        """Committed positions in the SAL cache (0 without SAL)."""
+        return 0 if self.sal is None else self.sal.length

@@ -1,0 +1,149 @@
+"""Drafter configurations. Every ablation of the paper is a field here, never a code fork.
+
+A config holds everything needed to rebuild the modules (it is saved as config.json next to the
+weights); `from_target` fills the target-dependent fields from a `TargetModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import InputError
+
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rotary", "none")
+# refuse:     stage s > 1 reads stage s-1's output re-fused with the sampled-token embedding (default)
+# token_once: the token embedding enters at stage 1 only
+# split:      stage 1 feeds the near heads, the last stage the far heads
+SAL_VARIANTS = ("refuse", "token_once", "split")
+
+
+def _target_shape(target) -> dict:
+    """What a drafter copies from the target's text config (a `TargetModel`)."""
+    tc = target.text_config
+    d = target.hidden_size
+    heads = int(getattr(tc, "num_attention_heads", 0) or 0)
+    head_dim = getattr(tc, "head_dim", None) or (d // heads if heads else 64)
+    rope = getattr(tc, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    return {
+        "hidden_size": d,
+        "vocab_size": target.vocab_size,
+        "intermediate_size": int(getattr(tc, "intermediate_size", 0) or 0) or None,
+        "head_dim": int(head_dim),
+        "rope_theta": float(theta or getattr(tc, "rope_theta", None) or 10000.0),
+        "rms_norm_eps": float(getattr(tc, "rms_norm_eps", None) or 1e-6),
+        "head_bias": getattr(target.lm_head, "bias", None) is not None,
+    }
+
+
+class _Config:
+    """Shared dict round trip and checks."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(
+                f"unknown {cls.__name__} fields {unknown}: the config was written by another version of amphista"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_target(cls, target, **overrides):
+        shape = _target_shape(target)
+        kept = {k: v for k, v in shape.items() if k in {f.name for f in fields(cls)}}
+        bad = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if bad:
+            raise InputError(f"unknown {cls.__name__} options {bad}: see docs/drafters.md for the knobs")
+        return cls(**{**kept, **overrides})
+
+    def _check_common(self) -> None:
+        if self.hidden_size < 1 or self.vocab_size < 1:
+            raise InputError(
+                "hidden_size and vocab_size must be positive: build the config with from_target()"
+            )
+        if self.num_heads < 1:
+            raise InputError(f"num_heads must be at least 1, got {self.num_heads}")
+
+
+@dataclass
+class MedusaConfig(_Config):
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 4
+    num_layers: int = 1  # ResBlocks per head, none shared
+    shared_lm_head: bool = False  # True: the target's frozen lm_head instead of K trained copies
+    head_norm: bool = True  # RMSNorm before the shared lm_head (ignored for separate heads)
+    head_bias: bool = False  # the target's lm_head has a bias (copied into separate heads)
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self._check_common()
+        if self.num_layers < 1:
+            raise InputError(f"num_layers must be at least 1, got {self.num_layers}")
+
+
+@dataclass
+class AmphistaConfig(_Config):
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 4
+    resblock_layers: int = 1
+    use_sal: bool = True  # False: the ResBlocks read h_t directly (Medusa + AEB)
+    sal_stages: int = 2
+    sal_variant: str = "refuse"
+    aeb_layers: int = 1  # 0: no Auto-embedding Block (Medusa + SAL)
+    position_embedding: str = "learned"
+    shared_lm_head: bool = False
+    head_norm: bool = True
+    head_bias: bool = False
+    sal_width: int | None = None  # None: hidden_size; smaller widths add in/out projections
+    aeb_width: int | None = None
+    intermediate_size: int | None = None  # SwiGLU size at full width; scaled with the widths
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self._check_common()
+        d = self.hidden_size
+        self.sal_width = int(self.sal_width or d)
+        self.aeb_width = int(self.aeb_width or d)
+        if self.intermediate_size is None:
+            self.intermediate_size = -(-8 * d // 3 // 32) * 32  # Llama's 8/3 ratio, rounded up to 32
+        if self.sal_variant not in SAL_VARIANTS:
+            raise InputError(f"sal_variant must be one of {SAL_VARIANTS}, got {self.sal_variant!r}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise InputError(
+                f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}"
+            )
+        if self.sal_stages < 1 or self.aeb_layers < 0 or self.resblock_layers < 1:
+            raise InputError("sal_stages and resblock_layers must be at least 1 and aeb_layers at least 0")
+        if self.sal_variant == "split" and self.sal_stages > self.num_heads:
+            raise InputError(
+                f"sal_variant='split' gives each SAL stage a group of heads: {self.sal_stages} stages need "
+                f"at least as many heads, got {self.num_heads}"
+            )
+        for name in ("sal_width", "aeb_width"):
+            w = getattr(self, name)
+            if w < 1 or w % self.head_dim:
+                raise InputError(
+                    f"{name}={w} must be a positive multiple of head_dim={self.head_dim}: pick another width "
+                    "or set head_dim"
+                )
+        if self.position_embedding == "rotary" and self.head_dim % 2:
+            raise InputError(f"rotary position embedding needs an even head_dim, got {self.head_dim}")
+
+    def ffn_size(self, width: int) -> int:
+        """SwiGLU size for a layer of this width: the target's FFN ratio, kept at smaller widths."""
+        return max(1, self.intermediate_size * width // self.hidden_size)
+
+    def head_stages(self) -> list[int]:
+        """The SAL stage whose output each head reads (all the last stage unless sal_variant='split')."""
+        if self.sal_variant != "split":
+            return [self.sal_stages - 1] * self.num_heads
+        return [k * self.sal_stages // self.num_heads for k in range(self.num_heads)]

@@ -1,0 +1,70 @@
+"""Medusa-style per-head pieces: K stacks of ResBlocks and the vocabulary projection.
+
+Weights of the K heads are stacked in one tensor so that a draft call costs one matmul per layer,
+not K module calls: at the bundled model's size Python overhead, not FLOPs, sets the drafter's cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResBlocks(nn.Module):
+    """K independent stacks of `num_layers` ResBlocks, x + SiLU(W x + b), W and b zero at init."""
+
+    def __init__(self, num_heads: int, width: int, num_layers: int):
+        super().__init__()
+        self.num_heads, self.width = num_heads, width
+        # weight[l, k] is head k's layer-l matrix in nn.Linear's (out, in) layout.
+        self.weight = nn.Parameter(torch.zeros(num_layers, num_heads, width, width))
+        self.bias = nn.Parameter(torch.zeros(num_layers, num_heads, width))
+
+    def forward(self, x: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """x (..., d) read by every head, or (..., K, d) with per_head=True -> (..., K, d)."""
+        K, d = self.num_heads, self.width
+        start = 0
+        if not per_head:
+            # One (K*d, d) matmul serves all heads' first layer.
+            y = F.linear(x, self.weight[0].view(K * d, d), self.bias[0].view(K * d))
+            x = x.unsqueeze(-2) + F.silu(y.view(*x.shape[:-1], K, d))
+            start = 1
+        for layer in range(start, self.weight.shape[0]):
+            y = torch.einsum("...ki,koi->...ko", x, self.weight[layer]) + self.bias[layer]
+            x = x + F.silu(y)
+        return x
+
+
+class VocabProjection(nn.Module):
+    """K heads initialised from the target's lm_head, or the shared frozen lm_head after an RMSNorm.
+
+    With separate heads an untrained head IS the target's lm_head. The shared head's norm (weight 1)
+    rescales each h by 1/rms(h): same ranking, so the same draft tree, at a different temperature;
+    head_norm=False makes it exact.
+    """
+
+    def __init__(self, num_heads, width, vocab_size, shared, head_norm, head_bias, eps):
+        super().__init__()
+        self.shared = shared
+        self.norm = nn.RMSNorm(width, eps=eps) if shared and head_norm else None
+        self.weight = None if shared else nn.Parameter(torch.zeros(num_heads, vocab_size, width))
+        self.bias = nn.Parameter(torch.zeros(num_heads, vocab_size)) if head_bias and not shared else None
+
+    @torch.no_grad()
+    def init_from(self, lm_head: nn.Module) -> None:
+        if self.shared:
+            return
+        self.weight.copy_(lm_head.weight.unsqueeze(0).expand_as(self.weight))
+        if self.bias is not None and getattr(lm_head, "bias", None) is not None:
+            self.bias.copy_(lm_head.bias.unsqueeze(0).expand_as(self.bias))
+
+    def forward(self, x: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
+        """x (..., K, d) -> logits (..., K, V)."""
+        if not self.shared:
+            logits = torch.einsum("...kd,kvd->...kv", x, self.weight)
+            return logits if self.bias is None else logits + self.bias
+        if self.norm is not None:
+            x = self.norm(x)
+        w = lm_head.weight
+        return F.linear(x.to(w.dtype), w, lm_head.bias).to(x.dtype)

@@ -1,0 +1,165 @@
+"""Saving and loading drafters in the Hugging Face layout: config.json + model.safetensors + README.md.
+
+config.json holds everything needed to rebuild the modules, plus what the drafter was built for. The
+borrowed embedding table and shared lm_head are never saved: they come from the target at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, InputError
+from .amphista import AmphistaDrafter
+from .common import HeadDrafter
+from .medusa import MedusaDrafter
+
+FORMAT_VERSION = 1
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+DRAFTERS: dict[str, type[HeadDrafter]] = {cls.drafter_type: cls for cls in (MedusaDrafter, AmphistaDrafter)}
+
+
+def save_drafter(drafter: HeadDrafter, path) -> None:
+    """Write into a temporary sibling folder, then rename it into place: a crash never leaves a
+    half-written checkpoint under `path`."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} exists and is not a directory: choose a folder to save the drafter in")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "drafter_type": drafter.drafter_type,
+        "config": drafter.config.to_dict(),
+        "built_for": drafter.built_for,
+        "dtype": str(drafter.dtype).removeprefix("torch."),
+        "amphista_version": __version__,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CARD_NAME).write_text(model_card(meta, sum(t.numel() for t in tensors.values())))
+        if path.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(path) -> dict:
+    path = Path(path)
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(
+            f"no {CONFIG_NAME} in {path}: pass a folder written by drafter.save_pretrained()"
+        )
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({e}): the checkpoint is corrupt, save it again"
+        ) from e
+    if not isinstance(meta, dict) or "drafter_type" not in meta or "config" not in meta:
+        raise CheckpointError(f"{file} is not an amphista drafter config (no drafter_type/config)")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{file} has no integer format_version: the checkpoint is corrupt")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written in drafter format {version} but this amphista reads format {FORMAT_VERSION} "
+            "at most: upgrade amphista"
+        )
+    if meta["drafter_type"] not in DRAFTERS:
+        raise CheckpointError(
+            f"{file} names drafter type {meta['drafter_type']!r}; this amphista knows {sorted(DRAFTERS)}"
+        )
+    return meta
+
+
+def load_drafter(path, target=None, *, device=None, dtype=None) -> HeadDrafter:
+    """Rebuild a saved drafter; with `target`, check it fits and attach it (on the target's device).
+
+    dtype defaults to the dtype it was saved in."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"drafter checkpoint {path} does not exist or is not a folder")
+    meta = read_config(path)
+    cls = DRAFTERS[meta["drafter_type"]]
+    try:
+        config = cls.config_class.from_dict(meta["config"])
+    except (InputError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from e
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS_NAME} in {path}: the checkpoint is incomplete, save it again")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e}): the file is corrupt, save it again") from e
+
+    with torch.device("meta"):
+        drafter = cls(config)  # no memory, no random init: the weights replace everything below
+    try:
+        drafter.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights} does not match its {CONFIG_NAME}: {e}") from e
+    drafter.built_for = dict(meta.get("built_for") or drafter.built_for)
+    if target is not None:
+        drafter.attach(target)  # raises DrafterMismatchError before anything is moved
+        device = device or drafter._borrowed().lm_head.weight.device
+    drafter.to(device=device or "cpu", dtype=dtype or getattr(torch, meta.get("dtype", "float32")))
+    return drafter
+
+
+def model_card(meta: dict, num_params: int) -> str:
+    bf = meta["built_for"]
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in meta["config"].items())
+    name = meta["drafter_type"].capitalize()
+    return f"""---
+library_name: amphista
+tags: [speculative-decoding, {meta["drafter_type"]}]
+base_model: {bf.get("name_or_path") or "unknown"}
+---
+
+# {name} drafter for `{bf.get("name_or_path") or bf.get("architecture", "a causal LM")}`
+
+A {name} drafter for lossless speculative decoding with amphista (drafter format {meta["format_version"]}, amphista {meta["amphista_version"]}).
+It proposes the next {meta["config"]["num_heads"]} tokens in one parallel pass; the target verifies them,
+so the output is exactly the target's own.
+
+Built for: {bf.get("architecture", "?")}, hidden size {bf.get("hidden_size")}, vocabulary {bf.get("vocab_size")}.
+Saved parameters: {num_params:,} (the target's embedding table{" and lm_head" if meta["config"].get("shared_lm_head") else ""}
+are borrowed from the target at load time and not stored here).
+
+```python
+import amphista
+target = amphista.TargetModel.load("{bf.get("name_or_path") or "path/to/target"}")
+drafter = amphista.load_drafter("path/to/this/folder", target=target)
+out = amphista.SpeculativeDecoder(target, drafter).generate(input_ids, max_new_tokens=128)
+```
+
+## Config
+
+| field | value |
+|---|---|
+{rows}
+"""

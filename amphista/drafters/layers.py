@@ -1,0 +1,112 @@
+"""Llama-style transformer pieces shared by the SAL (causal, cached) and the AEB (bidirectional).
+
+The attention module optionally writes into a pre-allocated KV buffer by position index (gpt-fast style),
+so appending committed positions costs one slice copy and a rollback costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INIT_STD = 0.02  # Hugging Face Llama's initializer_range
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    # Created on the CPU on purpose: not a buffer, so building on `meta` and loading stays simple.
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (..., T) integer -> cos, sin (..., T, head_dim) float32, Llama's half-split layout."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, hd); cos/sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def normal_(linear: nn.Linear) -> nn.Linear:
+    nn.init.normal_(linear.weight, std=INIT_STD)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+def zero_(linear: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(linear.weight)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.width = width // head_dim, head_dim, width
+        self.qkv = normal_(nn.Linear(width, 3 * width, bias=False))
+        self.o = normal_(nn.Linear(width, width, bias=False))
+        self.k_cache: torch.Tensor | None = None  # (1, H, max_length, hd), see allocate_cache
+        self.v_cache: torch.Tensor | None = None
+
+    def allocate_cache(self, max_length: int, device, dtype) -> None:
+        shape = (1, self.n_heads, max_length, self.head_dim)
+        if (
+            self.k_cache is None
+            or self.k_cache.shape[2] < max_length
+            or self.k_cache.dtype != dtype
+            or (self.k_cache.device != torch.device(device))
+        ):
+            self.k_cache = torch.empty(shape, device=device, dtype=dtype)
+            self.v_cache = torch.empty(shape, device=device, dtype=dtype)
+
+    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None):
+        """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the buffer at cache_pos.. and the queries
+        attend to everything up to there (mask then handles the new positions among themselves)."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B,H,T,hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_pos is not None:
+            end = cache_pos + T
+            self.k_cache[:, :, cache_pos:end] = k
+            self.v_cache[:, :, cache_pos:end] = v
+            k, v = self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.width))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, ffn: int):
+        super().__init__()
+        self.ffn = ffn
+        self.gate_up = normal_(nn.Linear(width, 2 * ffn, bias=False))
+        self.down = normal_(nn.Linear(ffn, width, bias=False))
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.ffn, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm x), then + mlp(norm x). `zero_branches` makes it the identity."""
+
+    def __init__(self, width: int, head_dim: int, ffn: int, eps: float, zero_branches: bool):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(width, eps=eps)
+        self.attn = Attention(width, head_dim)
+        self.mlp_norm = nn.RMSNorm(width, eps=eps)
+        self.mlp = SwiGLU(width, ffn)
+        if zero_branches:
+            # The residual branches start at zero so that an untrained drafter is exactly Medusa's.
+            zero_(self.attn.o)
+            zero_(self.mlp.down)
+
+    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, cache_pos)
+        return x + self.mlp(self.mlp_norm(x))

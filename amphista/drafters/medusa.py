@@ -1,0 +1,37 @@
+"""Medusa (Cai et al. 2024): K blind heads on the target's last hidden state, the baseline Amphista extends."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import HeadDrafter
+from .config import MedusaConfig
+from .heads import ResBlocks, VocabProjection
+
+
+class MedusaDrafter(HeadDrafter):
+    drafter_type = "medusa"
+    config_class = MedusaConfig
+
+    def __init__(self, config: MedusaConfig):
+        super().__init__(config)
+        c = config
+        self.resblocks = ResBlocks(c.num_heads, c.hidden_size, c.num_layers)
+        self.vocab = VocabProjection(
+            c.num_heads,
+            c.hidden_size,
+            c.vocab_size,
+            c.shared_lm_head,
+            c.head_norm,
+            c.head_bias,
+            c.rms_norm_eps,
+        )
+
+    def features(self, hidden, next_tokens=None, position_ids=None) -> torch.Tensor:
+        """(B, T, d) -> (B, T, K, d); Medusa reads neither the sampled token nor positions."""
+        return self.resblocks(hidden.to(self.dtype))
+
+    @torch.inference_mode()
+    def draft(self, hidden, next_tokens, start_pos):
+        """hidden (1, n, d) -> (K, V) from the last position; Medusa keeps no state across steps."""
+        return self.project(self.resblocks(hidden[0, -1].to(self.dtype)))
