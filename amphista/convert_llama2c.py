@@ -102,7 +102,8 @@ def read_header(path: str | os.PathLike) -> Llama2cConfig:
     if fields[0] == VERSIONED_MAGIC:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is a versioned llama2.c export (magic 'ak42'); only the legacy v0 "
-            "layout is supported: re-export it with llama2.c's `export.py --version 0`"
+            "layout is supported: export the PyTorch checkpoint again with llama2.c's "
+            "`export.py --version 0 --checkpoint model.pt out.bin`"
         )
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len = fields
     # A negative vocab size is llama2.c's flag for a separate classifier matrix after the RoPE tables.
@@ -196,8 +197,8 @@ def load_llama2c_model(path: str | os.PathLike):
 
     model = LlamaForCausalLM(hf_config(cfg))
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
-    # run.c stops a story when the model predicts BOS (TinyStories was trained as BOS-separated stories
-    # with no EOS), so generation stops at either.
+    # run.c stops when the model predicts BOS: llama2.c trains on BOS-separated documents without EOS, so
+    # a story ends with BOS. Generation stops at either.
     model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=[EOS, BOS], pad_token_id=EOS)
     return model.eval()
 
