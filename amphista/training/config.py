@@ -1,0 +1,140 @@
+"""Training configuration: one dataclass, saved next to the trained drafter and into every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+
+DRAFTERS = ("amphista", "medusa")
+# Best of those tried on the bundled model (docs/METHOD.md); Medusa-1's paper used 1e-3 at 7B.
+DEFAULT_LR = {"amphista": 3e-3, "medusa": 1e-2}
+
+
+@dataclass
+class TrainConfig:
+    target: str = ""  # local Hugging Face model folder (frozen)
+    data: list[str] = field(default_factory=list)  # ShareGPT / messages / Alpaca / text files
+    out: str = ""  # output folder: the drafter, its config, metrics, checkpoints
+    drafter: str = "amphista"  # amphista | medusa
+    drafter_config: dict = field(default_factory=dict)  # passed to Drafter.for_target(target, **cfg)
+    init_drafter: str | None = None  # start from an existing drafter folder instead of a fresh one
+
+    # data
+    eval_data: list[str] = field(default_factory=list)  # held-out files; empty: split off eval_fraction
+    eval_fraction: float = 0.05
+    max_eval_examples: int = 256
+    seq_len: int = 512  # longer examples are truncated (chat) or cut into windows (text)
+    bucket_window: int = 64  # batches per length-sorting window: less padding, still shuffled
+
+    # schedule
+    batch_size: int = 8  # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  # per process and forward; None: batch_size / processes
+    max_steps: int | None = None  # takes precedence over epochs
+    epochs: float = 1.0
+    lr: float | None = None  # ResBlocks and heads; None: DEFAULT_LR of the drafter kind
+    lr_layers: float | None = None  # transformer layers (SAL, AEB); None: same as lr
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    max_grad_norm: float = 1.0
+
+    # loss
+    lm_weight: float = 1.0  # cross-entropy to the data token
+    align_weight: float = 1.0  # cross-entropy to the frozen target's distribution
+    head_weighting: str = "decay"  # decay: w_k = head_decay ** k | equal
+    head_decay: float = 0.8
+    logits_chunk: int = 0  # positions per vocab-logit chunk (recomputed in backward); 0: auto
+
+    # machinery
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA when supported, else fp32 | no | bf16 | fp16
+    target_dtype: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # checkpoint every N optimizer steps (and always at the end); 0: end only
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # held-out accuracy every N steps; 0: at the end only
+    tensorboard: bool = False
+    progress: bool = True
+    resume: bool | str = False  # True: latest checkpoint under out/checkpoints; or a checkpoint path
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.drafter, 1e-3)
+
+    def validate(self) -> None:
+        if self.drafter not in DRAFTERS:
+            raise InputError(f"unknown drafter {self.drafter!r}: use one of {', '.join(DRAFTERS)}")
+        if not self.data:
+            raise InputError("no training data: pass one or more files with --data")
+        if not self.out:
+            raise InputError("no output folder: pass --out DIR")
+        if self.head_weighting not in ("decay", "equal"):
+            raise InputError(f"head_weighting is {self.head_weighting!r}: use 'decay' or 'equal'")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise InputError(f"mixed_precision is {self.mixed_precision!r}: use auto, no, bf16 or fp16")
+        if self.seq_len < 3:
+            raise InputError(f"seq_len is {self.seq_len}: a sequence needs at least 3 tokens to train on")
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
+            raise InputError("batch_size and micro_batch_size must be positive")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        cfg.betas = tuple(cfg.betas)
+        return cfg
+
+
+def parse_value(text: str):
+    """`--set` values: JSON when they parse (numbers, true/false, null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """Apply `key=value` pairs: TrainConfig fields by name, anything else goes to the drafter config.
+
+    `drafter.key=value` forces the drafter config (for a name both define)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"--set {pair!r}: write key=value, e.g. --set num_heads=5")
+        value = parse_value(raw)
+        if key.startswith("drafter."):
+            cfg.drafter_config[key.removeprefix("drafter.")] = value
+        elif key in hints and key != "drafter_config":
+            setattr(cfg, key, _coerce(key, value, hints[key]))
+        else:
+            cfg.drafter_config[key] = value
+    return cfg
+
+
+def _coerce(key: str, value, hint):
+    """Check a `--set` value against the field's annotation; ints are accepted where floats are."""
+    args = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in args:
+        return None
+    for t in args:
+        origin = typing.get_origin(t) or t
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is list:
+            return value if isinstance(value, list) else [value]
+        if origin is tuple and isinstance(value, list):
+            return tuple(value)
+        if origin in (int, str, bool, dict) and type(value) is origin:
+            return value
+    if str in args:
+        return str(value)
+    raise InputError(f"--set {key}={value!r}: expected {hint}")

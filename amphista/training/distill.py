@@ -1,0 +1,187 @@
+"""Self-distillation: the target answers prompts, and its answers become the drafter's training data.
+
+Prompts: a .txt file (one per line) or JSONL/JSON records with `turns` (MT-Bench), `prompt`, `text`,
+`instruction` (+ `input`), or `conversations`/`messages` (their user turns are replayed one by one).
+Output, JSONL with one record per (prompt, sample):
+  chat        {"id": "12:0", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}, ...]}
+  completion  {"id": "12:0", "text": "<prompt + continuation>"}   (a base model continues the text)
+Resumable: records whose id is already in the output are skipped, and a last line cut by an
+interruption is removed first, so nothing is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..target import TargetModel
+from .data import _message, chat_template, read_records
+
+
+@dataclass
+class DistillConfig:
+    target: str = ""
+    prompts: str = ""
+    out: str = ""
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 1.0
+    num_samples: int = 1  # answers per prompt (sampling)
+    mode: str = "auto"  # chat | completion | auto: completion when there is no chat template and one turn
+    system: str | None = None  # system prompt for chat mode
+    max_prompts: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Prompt:
+    id: str
+    turns: list[str]
+    system: str | None = None
+
+
+def _turns(record) -> tuple[list[str], str | None]:
+    if isinstance(record, str):
+        return [record], None
+    if not isinstance(record, dict):
+        raise ValueError("expected an object or a string")
+    if "turns" in record:
+        return list(record["turns"]), None
+    for key in ("prompt", "text"):
+        if key in record:
+            return [record[key]], None
+    if "instruction" in record:
+        extra = record.get("input") or ""
+        return [record["instruction"] + ("\n\n" + extra if extra else "")], record.get("system")
+    for key, role, content in (("conversations", "from", "value"), ("messages", "role", "content")):
+        if key in record:
+            msgs = [_message(t, role, content) for t in record[key]]
+            system = next((m["content"] for m in msgs if m["role"] == "system"), None)
+            return [m["content"] for m in msgs if m["role"] == "user"], system
+    raise ValueError("no 'turns', 'prompt', 'text', 'instruction', 'conversations' or 'messages' field")
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """Prompts with stable ids (their line number), so a resumed run knows which are done."""
+    prompts, bad = [], []
+    if path.endswith(".txt"):
+        if not os.path.isfile(path):
+            raise InputError(f"prompt file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            prompts = [Prompt(str(n), [line.rstrip("\n")]) for n, line in enumerate(f, 1) if line.strip()]
+    else:
+        for n, record in read_records(path):
+            try:
+                turns, system = _turns(record)
+                if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+                    raise ValueError("no non-empty user turn")
+                prompts.append(Prompt(str(n), turns, system))
+            except ValueError as e:
+                bad.append((n, str(e)))
+    if bad:
+        print(f"{path}: skipped {len(bad)} malformed prompts: " + ", ".join(f"line {n} ({e})" for n, e in bad[:10]))
+    if not prompts:
+        raise InputError(f"no usable prompt in {path!r}")
+    return prompts
+
+
+def finished_ids(path: str) -> set[str]:
+    """Ids already written; first cuts a partial last line left by an interrupted write."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+    ids = set()
+    for line in data[:end].decode("utf-8", errors="replace").splitlines():
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def _generate(target, tokenizer, texts: list[str], cfg: DistillConfig, special: bool) -> list[tuple[list, list]]:
+    """Left-padded batched generation -> (prompt ids, new ids without EOS/padding) per text."""
+    eos = target.eos_token_ids()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    prompts = [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+    L = max(len(p) for p in prompts)
+    budget = cfg.max_new_tokens if target.max_context is None else min(cfg.max_new_tokens, target.max_context - L)
+    if budget < 1:
+        raise InputError(f"a prompt of {L} tokens leaves no room in the target's context: shorten the prompts")
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=target.device)  # (B, L)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=target.device)
+    sample = cfg.temperature > 0
+    out = target.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=sample, pad_token_id=pad,
+        eos_token_id=eos or None, temperature=cfg.temperature if sample else None,
+        top_p=cfg.top_p if sample else None, top_k=None,
+    )  # fmt: skip
+    results = []
+    for p, row in zip(prompts, out[:, L:].tolist()):
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        results.append((p, row[:cut]))
+    return results
+
+
+@torch.inference_mode()
+def distill(cfg: DistillConfig, target=None) -> dict:
+    """Answer every prompt with the target; append to cfg.out. Returns counts."""
+    target = TargetModel.wrap(target if target is not None else TargetModel.load(cfg.target))
+    tok = target.tokenizer
+    if tok is None:
+        raise InputError("the target has no tokenizer: save one in the target folder")
+    prompts = read_prompts(cfg.prompts)[: cfg.max_prompts]
+    mode = cfg.mode
+    if mode == "auto":
+        single = all(len(p.turns) == 1 and not p.system for p in prompts)
+        mode = "completion" if getattr(tok, "chat_template", None) is None and single else "chat"
+    if mode not in ("chat", "completion"):
+        raise InputError(f"mode is {cfg.mode!r}: use auto, chat or completion")
+    jobs = [(f"{p.id}:{s}", p) for p in prompts for s in range(cfg.num_samples)]
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    done = finished_ids(cfg.out)
+    todo = sorted((j for j in jobs if j[0] not in done), key=lambda j: len(j[1].turns[0]))  # little padding
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not cfg.progress, desc="distill", unit="rec")
+    template = chat_template(tok)
+    with open(cfg.out, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            torch.manual_seed(cfg.seed * 1_000_003 + len(done) + start)
+            if mode == "completion":
+                gens = _generate(target, tok, [p.turns[0] for _, p in batch], cfg, special=True)
+                records = [{"id": i, "text": tok.decode(a + b, skip_special_tokens=True)} for (i, _), (a, b) in zip(batch, gens)]
+            else:
+                convs = [[{"role": "system", "content": cfg.system or p.system}] if (cfg.system or p.system) else [] for _, p in batch]
+                for turn in range(max(len(p.turns) for _, p in batch)):
+                    live = [b for b, (_, p) in enumerate(batch) if turn < len(p.turns)]
+                    for b in live:
+                        convs[b].append({"role": "user", "content": batch[b][1].turns[turn]})
+                    texts = [
+                        tok.apply_chat_template(convs[b], chat_template=template, tokenize=False, add_generation_prompt=True)
+                        for b in live
+                    ]
+                    for b, (_, new) in zip(live, _generate(target, tok, texts, cfg, special=False)):
+                        convs[b].append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})
+                share = {"system": "system", "user": "human", "assistant": "gpt"}
+                records = [
+                    {"id": i, "conversations": [{"from": share[m["role"]], "value": m["content"]} for m in conv]}
+                    for (i, _), conv in zip(batch, convs)
+                ]
+            # One write per batch, flushed to disk: an interruption loses at most this batch's tail line.
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    bar.close()
+    return {"total": len(jobs), "written": len(todo), "already_done": len(jobs) - len(todo), "mode": mode}

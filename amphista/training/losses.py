@@ -1,0 +1,86 @@
+"""The drafter's training loss: per head, LM loss to the data token plus alignment to the frozen target.
+
+Conventions (docs/METHOD.md, 0-based heads): the drafter at position t reads h_t and x_{t+1}; head k
+predicts x_{t+2+k}. Its LM label is the data token x_{t+2+k}; its soft label is the target's own
+distribution at position t+1+k, which is the target's prediction of that same token. Per head:
+
+    L_k = lm_weight * CE(x_{t+2+k}, q_k) + align_weight * CE(p_{t+1+k}, q_k)   (mean over labelled t)
+    L   = sum_k w_k L_k,   w_k = head_decay ** k (or 1)
+
+The alignment term is a cross-entropy, i.e. KL(p || q) plus the target's entropy, which has no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .batching import head_labels
+
+# Elements of one (positions, K, V) logit chunk when logits_chunk is 0 (auto): 256 MiB in float32.
+AUTO_CHUNK_ELEMENTS = 1 << 26
+
+
+def head_weights(num_heads: int, weighting: str = "decay", decay: float = 0.8) -> list[float]:
+    return [decay**k if weighting == "decay" else 1.0 for k in range(num_heads)]
+
+
+class DraftLoss(nn.Module):
+    """The drafter plus its loss in one forward, so that DDP's gradient hooks see the whole graph."""
+
+    def __init__(self, drafter: nn.Module, weights: list[float], lm_weight=1.0, align_weight=1.0, chunk=0):
+        super().__init__()
+        self.drafter = drafter
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        self.lm_weight, self.align_weight, self.chunk = lm_weight, align_weight, chunk
+
+    def forward(self, hidden, input_ids, loss_mask, target_logprobs, norm):
+        """hidden (B, T, d) the target's last hidden state; input_ids, loss_mask (B, T); target_logprobs
+        (B, T, V) float32 log-softmax of the frozen target; norm (K,) labels per head in the global batch.
+
+        Returns the loss of this micro-batch already divided by the global counts (so sums over
+        micro-batches and processes give the global mean) and detached per-head sums for logging."""
+        B, T, _ = hidden.shape
+        K = len(self.weights)
+        labels = head_labels(input_ids, loss_mask, K)  # (B, T-1, K)
+        feats = self.drafter.features(hidden[:, :-1], input_ids[:, 1:])  # (B, T-1, K, D)
+        # Only positions where some head has a label reach the vocabulary projection.
+        rows = (labels >= 0).any(-1).flatten().nonzero().squeeze(1)  # (N,)
+        feats = feats.flatten(0, 1)[rows]  # (N, K, D)
+        labels = labels.flatten(0, 1)[rows]  # (N, K)
+        b, t = rows // (T - 1), rows % (T - 1)
+        arange = torch.arange(K, device=rows.device)
+        # Row of the target's distribution for head k: position t+1+k of sequence b; past the end only
+        # where the label is -100 anyway, hence the clamp.
+        src = ((b * T + t + 1)[:, None] + arange).clamp(max=B * T - 1)  # (N, K)
+        logp = target_logprobs.flatten(0, 1)  # (B*T, V)
+
+        V = logp.shape[-1]
+        chunk = self.chunk or max(1, AUTO_CHUNK_ELEMENTS // (K * V))
+        sums = torch.zeros(3, K, device=hidden.device)  # lm, align, correct
+        for c in range(0, max(len(rows), 1), chunk):
+            args = (feats[c : c + chunk], labels[c : c + chunk], src[c : c + chunk], logp)
+            if len(rows) > chunk:  # recompute the chunk's logits in backward instead of keeping them
+                part = checkpoint(self._chunk_loss, *args, use_reentrant=False)
+            else:
+                part = self._chunk_loss(*args)
+            sums = sums + part
+        lm, align = sums[0], sums[1]
+        loss = (self.weights * (self.lm_weight * lm + self.align_weight * align) / norm.clamp(min=1)).sum()
+        stats = torch.stack([lm.detach(), align.detach(), sums[2].detach(), (labels >= 0).sum(0).float()])
+        return loss, stats  # stats (4, K): lm sum, align sum, top-1 correct, label count
+
+    def _chunk_loss(self, feats, labels, src, logp):
+        """feats (n, K, D), labels (n, K), src (n, K) -> (3, K) sums of LM CE, alignment CE, top-1 hits."""
+        logits = self.drafter.project(feats).float()  # (n, K, V)
+        logq = F.log_softmax(logits, dim=-1)
+        valid = labels >= 0
+        lm = -logq.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n, K)
+        align = -(logp[src].exp() * logq).sum(-1)  # (n, K)
+        hits = (logits.argmax(-1) == labels) & valid
+        zero = torch.zeros((), device=lm.device)
+        return torch.stack(
+            [torch.where(valid, lm, zero).sum(0), torch.where(valid, align, zero).sum(0), hits.sum(0).float()]
+        )

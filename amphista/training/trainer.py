@@ -1,0 +1,256 @@
+"""Train a drafter on a frozen target: one flat procedure, read top to bottom (nanoGPT style).
+
+The same code runs on one process or under `accelerate launch` on several (DDP; DeepSpeed and FSDP
+through accelerate's config files, see docs/training.md). Each optimizer step takes one global batch of
+`batch_size` sequences; every process builds the same batch order from (seed, epoch) and takes its own
+micro-batches, and each micro-batch's loss is divided by the global batch's label counts, so that any
+split over processes and accumulation steps gives the same gradient as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..target import TargetModel
+from .batching import collate, epoch_batches, label_counts, micro_batches
+from .checkpoint import find_checkpoint, list_checkpoints, load_state, save_state
+from .config import TrainConfig
+from .data import load_examples
+from .evaluate import format_table, head_accuracy
+from .losses import DraftLoss, head_weights
+from .outputs import MetricsLog, peak_memory_mb, save_outputs
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    loss: float  # mean training loss over the last log interval
+    head_accuracy: dict | None
+    tokens_per_s: float  # target + drafter tokens per second over the whole run, all processes
+    peak_memory_mb: float
+
+
+def build_drafter(cfg: TrainConfig, target: TargetModel):
+    """A fresh drafter for the target (float32 master weights), or the one in cfg.init_drafter."""
+    from .. import drafters
+
+    if cfg.init_drafter:
+        return drafters.load_drafter(cfg.init_drafter, target, dtype=torch.float32)
+    cls = {"amphista": drafters.AmphistaDrafter, "medusa": drafters.MedusaDrafter}[cfg.drafter]
+    return cls.for_target(target, dtype=torch.float32, **cfg.drafter_config)
+
+
+def param_groups(drafter, cfg: TrainConfig) -> list[dict]:
+    """ResBlocks and heads at `lr`; transformer layers (SAL, AEB, fusion, PE) at `lr_layers`."""
+    lr = cfg.resolved_lr()
+    lr_layers = cfg.lr_layers if cfg.lr_layers is not None else lr
+    if hasattr(drafter, "param_groups"):
+        return drafter.param_groups(lr, lr_layers)
+    return [{"name": "all", "params": [p for p in drafter.parameters() if p.requires_grad], "lr": lr}]
+
+
+def cosine_schedule(warmup: int, total: int, min_ratio: float):
+    """lr multiplier for the update at step s: linear warmup, then cosine down to min_ratio."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def split_eval(examples, cfg: TrainConfig):
+    """Hold out a deterministic `eval_fraction` (at most max_eval_examples) when no eval file is given."""
+    n = min(cfg.max_eval_examples, int(round(cfg.eval_fraction * len(examples))))
+    if n <= 0:
+        return examples, []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held = set(order[:n])
+    return [ex for i, ex in enumerate(examples) if i not in held], [examples[i] for i in order[:n]]
+
+
+def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> TrainResult:
+    """Train and save a drafter under cfg.out. `target`/`drafter` objects override cfg.target / a fresh
+    drafter; `callback(step, metrics)` runs after every optimizer step on every process."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, set_seed
+
+    cfg.validate()
+    world = PartialState().num_processes
+    micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
+    accum = cfg.batch_size // (micro * world)
+    if accum < 1 or micro * world * accum != cfg.batch_size:
+        raise InputError(
+            f"batch_size {cfg.batch_size} is not micro_batch_size {micro} x {world} processes x an integer "
+            "number of accumulation steps: change --batch-size or --micro-batch-size"
+        )
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if bf16 else "no")
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum)
+    rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    set_seed(cfg.seed)
+
+    # ---- target, data, drafter -------------------------------------------------------------------
+    if target is None:
+        target = TargetModel.load(cfg.target, dtype=cfg.target_dtype)
+    target = TargetModel.wrap(target)
+    target.model.to(device)
+    tokenizer = target.tokenizer
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = pad_id if pad_id is not None else (target.eos_token_ids() or [0])[0]
+    train_set, reports = load_examples(cfg.data, tokenizer, cfg.seq_len)
+    if cfg.eval_data:
+        eval_set, eval_reports = load_examples(cfg.eval_data, tokenizer, cfg.seq_len)
+        reports += eval_reports
+        eval_set = eval_set[: cfg.max_eval_examples]
+    else:
+        train_set, eval_set = split_eval(train_set, cfg)
+    if is_main:
+        for report in reports:
+            print(report.summary())
+    lengths = [len(ex.input_ids) for ex in train_set]
+
+    drafter = drafter if drafter is not None else build_drafter(cfg, target)
+    drafter.to(device).train()
+    K = drafter.num_heads
+    optimizer = torch.optim.AdamW(
+        param_groups(drafter, cfg), betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+    )
+    steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_window))
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(round(cfg.warmup_ratio * max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup, max_steps, cfg.min_lr_ratio))
+    weights = head_weights(K, cfg.head_weighting, cfg.head_decay)
+    model = DraftLoss(drafter, weights, cfg.lm_weight, cfg.align_weight, cfg.logits_chunk)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
+
+    # ---- resume ------------------------------------------------------------------------------------
+    step, epoch, cursor = 0, 0, 0  # optimizer steps done; data position: epoch, next batch in it
+    ckpt = find_checkpoint(cfg.out, cfg.resume) if cfg.resume else None
+    if ckpt:
+        info = load_state(accelerator, ckpt)
+        step, epoch, cursor = info["step"], info["epoch"], info["cursor"]
+        if is_main:
+            print(f"resumed from {ckpt} at step {step}")
+    elif list_checkpoints(cfg.out):
+        raise InputError(
+            f"{cfg.out!r} holds checkpoints of an earlier run: pass --resume to continue it or use another --out"
+        )
+    log = MetricsLog(cfg.out, resume_step=step, enabled=is_main, tensorboard=cfg.tensorboard)
+
+    # ---- train -------------------------------------------------------------------------------------
+    batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket_window)
+    bar = tqdm(total=max_steps, initial=step, disable=not (is_main and cfg.progress), desc="train", unit="step")
+    sums = torch.zeros(4, K, device=device)  # per head since the last log: lm, align, hits, labels
+    loss_sum, window_steps, window_tokens, run_tokens = torch.zeros((), device=device), 0, 0, 0
+    run_start = window_start = time.perf_counter()
+    metrics = {}
+    while step < max_steps:
+        if cursor >= len(batches):
+            epoch, cursor = epoch + 1, 0
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket_window)
+        examples = [train_set[i] for i in batches[cursor]]
+        cursor += 1
+        norm = label_counts(examples, K).to(device)  # (K,) labels per head in the whole global batch
+        for part in micro_batches(examples, world * accum)[rank::world]:
+            ids, mask = collate(part, pad_id)  # (B, T) each, right-padded
+            ids, mask = ids.to(device), mask.to(device)
+            with accelerator.autocast():
+                hidden, logits = target.forward_train(ids)  # (B, T, d), (B, T, V) float32
+            # Fresh tensors outside inference mode: autograd must be able to save them for backward.
+            hidden = hidden.to(torch.float32).clone()
+            logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
+            with accelerator.accumulate(model):
+                loss, stats = model(hidden, ids, mask, logp, norm)
+                # The loss is already this micro-batch's share of the global mean: undo accelerate's
+                # division by the accumulation steps and DDP's average over processes.
+                accelerator.backward(loss * world * accum)
+            loss_sum += loss.detach()
+            sums += stats
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        tokens = sum(len(ex.input_ids) for ex in examples)
+        window_tokens, run_tokens = window_tokens + tokens, run_tokens + tokens
+
+        if step % cfg.log_every == 0 or step == max_steps:
+            total = accelerator.reduce(torch.cat([sums.flatten(), loss_sum.view(1)]), reduction="sum").cpu()
+            now = time.perf_counter()
+            metrics = log.record(
+                step, epoch, scheduler.get_last_lr()[0], total[:-1].view(4, K), float(total[-1]) / window_steps,
+                None if grad_norm is None else float(grad_norm), window_tokens / (now - window_start),
+                peak_memory_mb(device),
+            )
+            if metrics:
+                bar.set_postfix_str(log.postfix(metrics))
+            sums.zero_()
+            loss_sum.zero_()
+            window_steps, window_tokens, window_start = 0, 0, now
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
+            save_state(accelerator, cfg.out, step, {"epoch": epoch, "cursor": cursor}, cfg.keep_checkpoints)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps and eval_set:
+            result = evaluate(accelerator, model, cfg, target, eval_set, pad_id, sharded)
+            log.write({"step": step, "eval": result})
+        if callback is not None:
+            callback(step, metrics)
+    bar.close()
+    run_time = time.perf_counter() - run_start
+
+    # ---- final checkpoint, held-out accuracy, the drafter itself -------------------------------------
+    save_state(accelerator, cfg.out, step, {"epoch": epoch, "cursor": cursor}, cfg.keep_checkpoints)
+    result = evaluate(accelerator, model, cfg, target, eval_set, pad_id, sharded) if eval_set else None
+    final = full_drafter(accelerator, model, cfg, target, sharded)
+    if is_main:
+        save_outputs(cfg, final, result, steps=step)
+        if result:
+            log.write({"step": step, "eval": result})
+            print(format_table(result))
+    accelerator.wait_for_everyone()
+    log.close()
+    last = log.last or {}
+    return TrainResult(
+        cfg.out, step, float(last.get("loss", float("nan"))), result, run_tokens / max(run_time, 1e-9),
+        peak_memory_mb(device),
+    )
+
+
+def full_drafter(accelerator, model, cfg, target, sharded: bool):
+    """The trained drafter as one ordinary module. Under ZeRO-3 / FSDP the weights are gathered into a
+    fresh copy (get_state_dict is collective, so every process must call this)."""
+    if not sharded:
+        return accelerator.unwrap_model(model).drafter
+    state = accelerator.get_state_dict(model)
+    fresh = build_drafter(cfg, target)
+    fresh.load_state_dict({k.removeprefix("drafter."): v for k, v in state.items()})
+    return fresh.to(target.device)
+
+
+def evaluate(accelerator, model, cfg, target, eval_set, pad_id, sharded):
+    drafter = full_drafter(accelerator, model, cfg, target, sharded) if sharded else None
+    result = None
+    if accelerator.is_main_process:
+        drafter = drafter or accelerator.unwrap_model(model).drafter
+        with accelerator.autocast():
+            result = head_accuracy(drafter, target, eval_set, cfg.micro_batch_size or cfg.batch_size, pad_id)
+    accelerator.wait_for_everyone()
+    return result
+
