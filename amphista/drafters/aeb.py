@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import AmphistaConfig
-from .layers import INIT_STD, DecoderLayer, normal_, rope_cos_sin, rope_inv_freq, zero_
+from .layers import INIT_STD, DecoderLayer, normal_, rope_inv_freq, rope_tables, zero_
 
 
 def sinusoidal_table(length: int, width: int) -> torch.Tensor:
@@ -51,7 +51,8 @@ class AutoEmbeddingBlock(nn.Module):
         if self.kind == "sinusoidal":
             self._fixed["cpu"] = (sinusoidal_table(K, w), None)
         elif self.kind == "rotary":
-            self._fixed["cpu"] = rope_cos_sin(torch.arange(K, device="cpu"), rope_inv_freq(cfg.head_dim, 1e4))
+            positions = torch.arange(K, device="cpu")
+            self._fixed["cpu"] = rope_tables(positions, rope_inv_freq(cfg.head_dim, 1e4), torch.float32)
 
     def _tables(self, x: torch.Tensor):
         key = (x.device, x.dtype)

@@ -18,17 +18,25 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (..., T) integer -> cos, sin (..., T, head_dim) float32, Llama's half-split layout."""
-    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (T,) or (B, T) integer -> cos, sin, each (3, B or 1, 1, T, hd), Llama's half-split RoPE
+    laid out to rotate a stacked (3, B, H, T, hd) q/k/v tensor in one go (see rotate).
+
+    Row 2 (v) is cos = 1, sin = 0: v passes through exactly. sin carries rotate_half's sign, so that
+    rotate_half(x) * sin == x.roll(hd / 2) * signed_sin."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)  # (..., T, hd/2)
+    cos, sin = freqs.cos(), freqs.sin()
+    cos = torch.cat([cos, cos], dim=-1)
+    sin = torch.cat([-sin, sin], dim=-1)
+    cos, sin = cos.reshape(-1, 1, *cos.shape[-2:]), sin.reshape(-1, 1, *sin.shape[-2:])  # (B or 1, 1, T, hd)
+    cos = torch.stack([cos, cos, torch.ones_like(cos)])
+    sin = torch.stack([sin, sin, torch.zeros_like(sin)])
+    return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, hd); cos/sin broadcastable to it."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qkv (3, B, H, T, hd) -> q and k rotated, v unchanged; three ops, which matters per draft call."""
+    return torch.addcmul(qkv * cos, qkv.roll(qkv.shape[-1] // 2, dims=-1), sin)
 
 
 def normal_(linear: nn.Linear) -> nn.Linear:
@@ -51,33 +59,32 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.width = width // head_dim, head_dim, width
         self.qkv = normal_(nn.Linear(width, 3 * width, bias=False))
         self.o = normal_(nn.Linear(width, width, bias=False))
-        self.k_cache: torch.Tensor | None = None  # (1, H, max_length, hd), see allocate_cache
-        self.v_cache: torch.Tensor | None = None
+        self.kv_cache: torch.Tensor | None = None  # (2, 1, H, max_length, hd), see allocate_cache
 
     def allocate_cache(self, max_length: int, device, dtype) -> None:
-        shape = (1, self.n_heads, max_length, self.head_dim)
-        if (
-            self.k_cache is None
-            or self.k_cache.shape[2] < max_length
-            or self.k_cache.dtype != dtype
-            or (self.k_cache.device != torch.device(device))
-        ):
-            self.k_cache = torch.empty(shape, device=device, dtype=dtype)
-            self.v_cache = torch.empty(shape, device=device, dtype=dtype)
+        c = self.kv_cache
+        if c is None or c.shape[3] < max_length or c.dtype != dtype or c.device != torch.device(device):
+            self.kv_cache = torch.empty(
+                2, 1, self.n_heads, max_length, self.head_dim, device=device, dtype=dtype
+            )
 
     def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None):
         """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the buffer at cache_pos.. and the queries
-        attend to everything up to there (mask then handles the new positions among themselves)."""
+        attend to everything up to there (mask then orders the new positions among themselves)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B,H,T,hd)
+        qkv = (
+            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (3, B, H, T, hd)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qkv = rotate(qkv, cos, sin)
+        kv = qkv[1:]  # (2, B, H, T, hd)
         if cache_pos is not None:
             end = cache_pos + T
-            self.k_cache[:, :, cache_pos:end] = k
-            self.v_cache[:, :, cache_pos:end] = v
-            k, v = self.k_cache[:, :, :end], self.v_cache[:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+            self.kv_cache[:, :, :, cache_pos:end] = kv
+            kv = self.kv_cache[:, :, :, :end]
+        y = F.scaled_dot_product_attention(
+            qkv[0], kv[0], kv[1], attn_mask=mask, is_causal=causal
+        )  # (B,H,T,hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.width))
 
 

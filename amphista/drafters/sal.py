@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import InputError
 from .config import AmphistaConfig
-from .layers import DecoderLayer, normal_, rope_cos_sin, rope_inv_freq, zero_
+from .layers import DecoderLayer, normal_, rope_inv_freq, rope_tables, zero_
 
 
 class StagedAdaptation(nn.Module):
@@ -52,10 +52,8 @@ class StagedAdaptation(nn.Module):
         """Training: h, e (B, T, d) -> (B, T, d), or (B, T, S, d) for the split variant. Plain causal mask,
         so right padding is harmless."""
         pos = torch.arange(h.shape[1], device=h.device) if position_ids is None else position_ids
-        cos, sin = rope_cos_sin(pos, self.inv_freq)  # (T, hd) or (B, T, hd)
-        if cos.dim() == 3:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd) against (B, H, T, hd)
-        return self._run(h, e, cos.to(h.dtype), sin.to(h.dtype), None, True, None)
+        cos, sin = rope_tables(pos, self.inv_freq, h.dtype)  # (3, B or 1, 1, T, hd)
+        return self._run(h, e, cos, sin, None, True, None)
 
     def reset(self, max_length: int, device, dtype) -> None:
         for layer in self.layers:
@@ -64,8 +62,7 @@ class StagedAdaptation(nn.Module):
         if stale or max_length > self.max_length:
             # RoPE tables and key positions for the whole sequence, computed once per reset, not per call.
             self._positions = torch.arange(max_length, device=device)
-            cos, sin = rope_cos_sin(self._positions, self.inv_freq)
-            self._cos, self._sin = cos.to(dtype), sin.to(dtype)
+            self._cos, self._sin = rope_tables(self._positions, self.inv_freq, dtype)  # (3, 1, 1, L, hd)
             self.max_length = max_length
         self.length = 0
 
@@ -87,7 +84,9 @@ class StagedAdaptation(nn.Module):
         if n > 1:
             # New positions see the cache and each other causally: (n, end) boolean, True = may attend.
             mask = self._positions[:end] <= self._positions[start_pos:end, None]
-        out = self._run(h, e, self._cos[start_pos:end], self._sin[start_pos:end], mask, False, start_pos)
+        out = self._run(
+            h, e, self._cos[..., start_pos:end, :], self._sin[..., start_pos:end, :], mask, False, start_pos
+        )
         self.length = end  # a start_pos below length rewrites those positions: a free rollback
         return out
 
