@@ -1,0 +1,263 @@
+"""The OpenAI-compatible HTTP server: `create_app(decoder_or_target, drafter=None, ...) -> FastAPI`.
+
+Handlers validate, tokenize and enqueue; the `Worker` thread decodes. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..decoder import SpeculativeDecoder
+from ..errors import InputError
+from ..generation import Decoder
+from ..target import TargetModel
+from ..vanilla import VanillaDecoder
+from .chat import chat_prompt, encode
+from .metrics import Metrics
+from .protocol import APIError, ChatRequest, CompletionRequest, parse
+from .responses import DONE, Shapes, sse
+from .textstream import TextStream
+from .worker import Job, QueueFull, Worker
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+
+
+def build_decoder(decoder_or_target, drafter=None, tree="mc_sim_7b_63") -> Decoder:
+    if isinstance(decoder_or_target, Decoder):
+        return decoder_or_target
+    target = TargetModel.wrap(decoder_or_target)
+    return VanillaDecoder(target) if drafter is None else SpeculativeDecoder(target, drafter, tree)
+
+
+def default_model_name(decoder: Decoder) -> str:
+    return Path(decoder.target.name_or_path.rstrip("/")).name or decoder.target.architecture
+
+
+class Gate:
+    """ASGI middleware: the API key on every endpoint but /health, and request counts by status code."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.expected and scope["path"] != "/health" and not self._authorized(scope):
+                err = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), 401)(scope, receive, send_counted)
+                return
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.metrics.request(scope["path"], status[0])
+
+    def _authorized(self, scope) -> bool:
+        got = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(got, self.expected)
+
+
+def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_name: str | None = None,
+               api_key: str | None = None, max_body_bytes: int = 1 << 20, max_tokens_limit: int | None = None,
+               max_queue: int = 256) -> FastAPI:
+    """An app serving one model. `decoder_or_target`: a VanillaDecoder/SpeculativeDecoder, or a target
+    (TargetModel, model directory, transformers model) decoded with `drafter` (None: vanilla decoding)."""
+    decoder = build_decoder(decoder_or_target, drafter, tree)
+    tokenizer = decoder.tokenizer
+    if tokenizer is None:
+        raise InputError("the server needs a tokenizer: load the target from a folder that has one")
+    name = model_name or default_model_name(decoder)
+    context = decoder.target.max_context
+    token_limit = max_tokens_limit or context or 4096
+    heads = getattr(getattr(decoder, "drafter", None), "num_heads", 0)
+    worker = Worker(decoder, None, max_queue)
+    metrics = Metrics(heads + 1, lambda: worker.depth)
+    worker.metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="amphista", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker, app.state.metrics, app.state.decoder, app.state.model_name = worker, metrics, decoder, name
+    app.add_middleware(Gate, api_key=api_key, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(APIError(exc.status_code, message).body(), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):
+        body = APIError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")
+        return JSONResponse(body.body(), 500)
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "amphista"}
+
+    @app.get("/health")
+    async def health():
+        ok = worker.alive()
+        return JSONResponse({"status": "ok" if ok else "worker stopped", "queue_depth": worker.depth},
+                            200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {name!r}", "model",
+                           "model_not_found")
+        return model_card()
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"the request body has {declared} bytes; the limit is {max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes")
+        return bytes(body)
+
+    def generation_args(req, prompt: list[int], stops: list[str], requested: int | None, default: int) -> dict:
+        if requested is not None and requested > token_limit:
+            raise APIError(400, f"max_tokens={requested} is over this server's limit of {token_limit}", "max_tokens")
+        if context and len(prompt) >= context:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens but the model's context window is {context}: "
+                           "shorten the prompt", "messages" if isinstance(req, ChatRequest) else "prompt",
+                           "context_length_exceeded")
+        bad = next((t for t in prompt if not 0 <= t < decoder.target.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{decoder.target.vocab_size - 1})",
+                           "prompt")
+        return dict(max_new_tokens=requested or default, temperature=req.temperature, top_p=req.top_p,
+                    top_k=req.top_k, stop_strings=stops or None, seed=req.seed)
+
+    async def handle(request: Request, chat: bool):
+        req = parse(ChatRequest if chat else CompletionRequest, await read_body(request))
+        if req.model != name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {name!r}", "model",
+                           "model_not_found")
+        req.check_supported()
+        stops = req.stop_list()
+        echo = ""
+        if chat:
+            try:
+                rendered = chat_prompt(tokenizer, req.message_dicts())
+            except InputError as e:
+                raise APIError(400, str(e), "messages") from None
+            prompt, stops = rendered.ids, stops + rendered.stop
+            requested, default = req.token_limit, token_limit
+        else:
+            p = req.single_prompt()
+            prompt = encode(tokenizer, p) if isinstance(p, str) else list(p)
+            requested, default = req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS
+            if req.echo:
+                echo = p if isinstance(p, str) else tokenizer.decode(prompt, skip_special_tokens=True)
+        kwargs = generation_args(req, prompt, stops, requested, default)
+        job = Job(prompt, kwargs, TextStream(tokenizer, prompt, stops, lstrip=chat), asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy ({e}); retry later", type="server_error",
+                           code="queue_full") from None
+        shapes = Shapes(chat, name)
+        if req.stream:
+            return StreamingResponse(stream(job, shapes, echo, req.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await collect(request, job, shapes, echo)
+
+    async def stream(job: Job, shapes: Shapes, echo: str, include_usage: bool):
+        try:
+            if shapes.chat:
+                yield shapes.chunk(role=True)
+            elif echo:
+                yield shapes.chunk(echo)
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "text":
+                    yield shapes.chunk(payload)
+                elif kind == "error":
+                    yield sse(error_of(payload).body())
+                    break
+                else:
+                    yield shapes.chunk(finish_reason=payload.finish_reason)
+                    if include_usage:
+                        yield shapes.usage_chunk(payload)
+                    break
+            yield DONE
+        finally:  # done, or the client disconnected (the task is cancelled): either way stop decoding for it
+            job.cancelled.set()
+
+    async def collect(request: Request, job: Job, shapes: Shapes, echo: str):
+        left = asyncio.ensure_future(wait_for_disconnect(request))
+        parts = [echo]
+        try:
+            while True:
+                get = asyncio.ensure_future(job.events.get())
+                await asyncio.wait({get, left}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return JSONResponse({}, 499)  # nobody reads it; the worker drops the job
+                kind, payload = get.result()
+                if kind == "text":
+                    parts.append(payload)
+                elif kind == "error":
+                    raise error_of(payload)
+                else:
+                    return JSONResponse(shapes.full("".join(parts), payload))
+        finally:
+            left.cancel()
+            job.cancelled.set()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def error_of(exc: Exception) -> APIError:
+    if isinstance(exc, InputError):
+        return APIError(400, str(exc))
+    return APIError(500, f"generation failed ({type(exc).__name__}: {exc})", type="server_error")

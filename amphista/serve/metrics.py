@@ -1,0 +1,95 @@
+"""Server metrics in the Prometheus text format, kept next to the loop that produces them.
+
+Counters only grow, so `rate(amphista_generated_tokens_total[1m])` gives throughput; the tokens/s gauge is
+the decode speed of the most recent requests (generated tokens / generation wall time).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class Metrics:
+    def __init__(self, max_accept: int, queue_depth=lambda: 0):
+        self.lock = threading.Lock()
+        self.max_accept = max(int(max_accept), 1)  # K + 1 for K drafter heads, 1 for vanilla decoding
+        self.queue_depth = queue_depth
+        self.requests: Counter = Counter()  # (endpoint, HTTP status) -> count
+        self.finished: Counter = Counter()  # finish reason ("stop", "length", "cancelled", "error") -> count
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.accept = [0] * (self.max_accept + 1)  # accept[m]: target forwards that committed m tokens
+        self.recent: deque = deque(maxlen=64)  # (tokens, seconds) of the latest generations
+        self.active = 0
+
+    def request(self, path: str, status: int) -> None:
+        endpoint = path if path in ENDPOINTS or path.startswith("/v1/models") else "other"
+        endpoint = "/v1/models" if endpoint.startswith("/v1/models") else endpoint
+        with self.lock:
+            self.requests[(endpoint, status)] += 1
+
+    def step(self, accepted: int) -> None:
+        with self.lock:
+            self.generated_tokens += accepted
+            self.accept[min(accepted, self.max_accept)] += 1
+
+    def started(self, prompt_tokens: int) -> None:
+        with self.lock:
+            self.active += 1
+            self.prompt_tokens += prompt_tokens
+
+    def finish(self, reason: str, tokens: int = 0, seconds: float = 0.0, started: bool = True) -> None:
+        with self.lock:
+            self.finished[reason] += 1
+            self.active -= int(started)
+            if tokens and seconds > 0:
+                self.recent.append((tokens, seconds))
+
+    def tokens_per_second(self) -> float:
+        tokens = sum(n for n, _ in self.recent)
+        seconds = sum(s for _, s in self.recent)
+        return tokens / seconds if seconds else 0.0
+
+    def render(self) -> str:
+        with self.lock:
+            lines = [
+                "# HELP amphista_requests_total HTTP requests by endpoint and status code.",
+                "# TYPE amphista_requests_total counter",
+            ]
+            for (endpoint, status), n in sorted(self.requests.items()):
+                lines.append(f'amphista_requests_total{{endpoint="{endpoint}",code="{status}"}} {n}')
+            lines += [
+                "# HELP amphista_generations_total Finished generations by finish reason.",
+                "# TYPE amphista_generations_total counter",
+            ]
+            for reason in ("stop", "length", "cancelled", "error"):
+                lines.append(f'amphista_generations_total{{reason="{reason}"}} {self.finished[reason]}')
+            lines += _scalar("prompt_tokens_total", "counter", "Prompt tokens of started generations.",
+                             self.prompt_tokens)
+            lines += _scalar("generated_tokens_total", "counter", "Tokens generated (committed).",
+                             self.generated_tokens)
+            lines += _scalar("tokens_per_second", "gauge",
+                             "Decode speed of the latest 64 generations (tokens / wall second).",
+                             round(self.tokens_per_second(), 3))
+            lines += _scalar("queue_depth", "gauge", "Requests waiting for the decoder.", self.queue_depth())
+            lines += _scalar("active_generations", "gauge", "Generations running now (0 or 1).", self.active)
+            lines += [
+                "# HELP amphista_accept_length Tokens committed per target forward (tau), bonus token included.",
+                "# TYPE amphista_accept_length histogram",
+            ]
+            cumulative = self.accept[0]
+            for m in range(1, self.max_accept + 1):
+                cumulative += self.accept[m]
+                lines.append(f'amphista_accept_length_bucket{{le="{m}"}} {cumulative}')
+            lines.append(f'amphista_accept_length_bucket{{le="+Inf"}} {cumulative}')
+            total = sum(m * n for m, n in enumerate(self.accept))
+            lines.append(f"amphista_accept_length_sum {total}")
+            lines.append(f"amphista_accept_length_count {sum(self.accept)}")
+        return "\n".join(lines) + "\n"
+
+
+def _scalar(name: str, kind: str, help: str, value) -> list[str]:
+    return [f"# HELP amphista_{name} {help}", f"# TYPE amphista_{name} {kind}", f"amphista_{name} {value}"]
