@@ -1,6 +1,6 @@
 """amphista: lossless speculative decoding with bi-directional multi-head drafters."""
 
-from .bundled import load_default_target
+from .bundled import load_default_drafter, load_default_target
 from .decoder import SpeculativeDecoder
 from .drafters import AmphistaConfig, AmphistaDrafter, Drafter, MedusaConfig, MedusaDrafter, load_drafter
 from .errors import AmphistaError, CheckpointError, DrafterMismatchError, InputError, TreeError
@@ -16,6 +16,7 @@ __all__ = [
     "AmphistaDrafter",
     "MedusaConfig",
     "MedusaDrafter",
+    "load_default_drafter",
     "load_drafter",
     "AmphistaError",
     "Drafter",

@@ -36,3 +36,26 @@ def load_default_target(dtype: torch.dtype = torch.float32) -> TargetModel:
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(path)
     return TargetModel(model, tokenizer)
+
+
+BUNDLED_DRAFTERS = ("medusa", "amphista")
+
+
+def default_drafter_path(name: str = "amphista") -> Path:
+    """The folder of a drafter trained for the bundled model: "medusa" or "amphista"."""
+    if name not in BUNDLED_DRAFTERS:
+        raise CheckpointError(f"there is no bundled drafter {name!r}: choose one of {', '.join(BUNDLED_DRAFTERS)}")
+    path = Path(__file__).resolve().parent / "assets" / "drafters" / name
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"the bundled {name} drafter is missing from {str(path)!r}: reinstall amphista, or train it with "
+            "`bash scripts/train_bundled_drafters.sh`"
+        )
+    return path
+
+
+def load_default_drafter(name: str = "amphista", target: TargetModel | None = None):
+    """A bundled drafter, attached to `target` (the bundled model when omitted)."""
+    from .drafters import load_drafter
+
+    return load_drafter(default_drafter_path(name), target if target is not None else load_default_target())

@@ -8,16 +8,28 @@ and our `TreeCache` through the model's ordinary forward; no modeling file is fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import InputError
 
 # Attention back-ends that accept an arbitrary 4D mask. Flash-attention kernels cannot take a tree mask.
 TREE_ATTENTION = ("sdpa", "eager")
+
+
+# cuDNN's fused attention builds a new execution plan for every sequence length it meets (measured ~13 ms of
+# CPU per call on an H200, bf16), and decoding meets a new length at every step: leave it out.
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decode_attention(device: torch.device):
+    """Context for decode-time forwards: every SDPA back-end but cuDNN's on CUDA; nothing on CPU."""
+    return sdpa_kernel(_DECODE_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass
@@ -128,13 +140,14 @@ class TargetModel:
     ) -> TargetOutput:
         """One forward. input_ids (1, q); attention_mask a 4D additive float mask (1, 1, q, kv) or None
         for plain causal attention; logits_at selects the positions whose logits are needed (None: all)."""
-        out = self.base(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
+        with decode_attention(input_ids.device):
+            out = self.base(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
         hidden = out.last_hidden_state  # (1, q, d)
         sel = hidden if logits_at is None else hidden[:, logits_at]
         return TargetOutput(logits=self.logits(sel), hidden=hidden)
