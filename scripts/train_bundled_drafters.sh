@@ -8,16 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bundled}
 STEPS=${STEPS:-1500}
-TARGET=$(python -c "import amphista.bundled as b; print(b.default_target_path())")
+AMPHISTA=${AMPHISTA:-amphista}
+TARGET=$(${PYTHON:-python} -c "import amphista.bundled as b; print(b.default_target_path())")
 mkdir -p "$OUT"
 
-amphista distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$OUT/distill_t1.jsonl" \
+"$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$OUT/distill_t1.jsonl" \
     --num-samples 40 --temperature 1.0 --max-new-tokens 256 --batch-size 64 --seed 0 --no-progress
-amphista distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$OUT/distill_t06.jsonl" \
+"$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$OUT/distill_t06.jsonl" \
     --num-samples 20 --temperature 0.6 --max-new-tokens 256 --batch-size 64 --seed 1 --no-progress
 
 for drafter in medusa amphista; do
-    amphista train --target "$TARGET" --data "$OUT/distill_t1.jsonl" "$OUT/distill_t06.jsonl" \
+    "$AMPHISTA" train --target "$TARGET" --data "$OUT/distill_t1.jsonl" "$OUT/distill_t06.jsonl" \
         --drafter "$drafter" --out "$OUT/$drafter" --max-steps "$STEPS" --batch-size 32 --seq-len 256 \
         --seed 0 --no-progress "$@"
 done
