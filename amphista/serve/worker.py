@@ -85,6 +85,7 @@ class Worker:
                 self._serve(job)
             except BaseException:  # keep serving others; the job already got its error event
                 log.exception("the decode worker caught an unexpected error")
+            del job  # while idle, hold no reference to a finished request
 
     def _serve(self, job: Job) -> None:
         self.metrics.started(len(job.prompt))

@@ -1,0 +1,310 @@
+"""The OpenAI-compatible server over real HTTP on loopback: exact text, concurrency, bad input, auth, cancellation."""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import amphista
+from amphista.serve import create_app
+from amphista.serve.chat import PLAIN_STOP, chat_prompt, encode
+from amphista.serve.textstream import continuation_text
+from amphista.serve.worker import Job
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went", "She saw a big"]
+QUESTIONS = ["Hello!", "Tell me a story about a cat."]
+N = 12  # reference length; requests ask for up to N tokens
+
+
+class Server:
+    """uvicorn in a thread on a free loopback port; `with Server(app) as base_url:`."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.server.started, "the test server did not start"
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return amphista.load_default_target()
+
+
+@pytest.fixture(scope="module")
+def refs(target):
+    """Vanilla greedy token ids (N new tokens) for every completion prompt and chat question."""
+    tok, vanilla = target.tokenizer, amphista.VanillaDecoder(target)
+    out = {}
+    for p in PROMPTS:
+        ids = encode(tok, p)
+        out[p] = (ids, vanilla.generate(ids, max_new_tokens=N, temperature=0).new_tokens)
+    for q in QUESTIONS:
+        ids = chat_prompt(tok, [{"role": "user", "content": q}]).ids
+        out[q] = (ids, vanilla.generate(ids, max_new_tokens=N, temperature=0, stop_strings=[PLAIN_STOP]).new_tokens)
+    return out
+
+
+def expected(tok, refs, key, n=N, chat=False):
+    """The reference text of the first n tokens, computed from a full decode rather than a stream."""
+    prompt, new = refs[key]
+    text = continuation_text(tok, prompt, new[:n])
+    return text.lstrip().split(PLAIN_STOP)[0] if chat else text
+
+
+@pytest.fixture(scope="module")
+def server(target):
+    drafter = amphista.AmphistaDrafter.for_target(target)  # untrained: decoding stays lossless, just slower
+    app = create_app(amphista.SpeculativeDecoder(target, drafter, "mc_sim_7b_63"), api_key=KEY)
+    with Server(app) as url:
+        yield url, app
+
+
+def client(url, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, **kw)
+
+
+def test_openai_client_completion_and_chat_equal_vanilla_greedy(server, refs, target):
+    url, app = server
+    tok, c = target.tokenizer, client(url)
+    model = c.models.list().data[0].id
+    assert model == app.state.model_name == "stories260K"
+    assert c.models.retrieve(model).id == model
+    p = PROMPTS[0]
+    r = c.completions.create(model=model, prompt=p, max_tokens=N, temperature=0)
+    assert r.choices[0].text == expected(tok, refs, p)
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(refs[p][0]), N)
+    chunks = list(c.completions.create(model=model, prompt=p, max_tokens=N, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected(tok, refs, p)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    q = QUESTIONS[1]
+    msgs = [{"role": "user", "content": q}]
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=N, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected(tok, refs, q, chat=True)
+    chunks = list(c.chat.completions.create(model=model, messages=msgs, max_tokens=N, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_stop_sequences_are_cut_like_openai(server, refs, target):
+    url, _ = server
+    c, p = client(url), PROMPTS[0]
+    full = expected(target.tokenizer, refs, p)
+    stop = full.split()[3]  # a word the greedy text contains
+    for stream in (False, True):
+        r = c.completions.create(model="stories260K", prompt=p, max_tokens=N, temperature=0, stop=[stop, "zzz"],
+                                 stream=stream)
+        chunks = list(r) if stream else [r]
+        assert "".join(ch.choices[0].text for ch in chunks) == full[: full.index(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    c = client(server[0])
+    texts = {c.completions.create(model="stories260K", prompt="Once", max_tokens=10, temperature=1.0,
+                                  seed=123).choices[0].text for _ in range(2)}
+    assert len(texts) == 1
+
+
+def _body(**kw):
+    return json.dumps({"model": "stories260K", "prompt": "Once", "max_tokens": 4, **kw}).encode()
+
+
+BAD = [  # (path, body, status, param or code)
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/completions", b"\xff\xfe", 400, "invalid_json"),
+    ("/v1/completions", json.dumps({"model": "stories260K"}).encode(), 422, "prompt"),
+    ("/v1/chat/completions", json.dumps({"model": "stories260K"}).encode(), 422, "messages"),
+    ("/v1/completions", _body(temperature="hot"), 422, "temperature"),
+    ("/v1/completions", _body(max_tokens=4.5), 422, "max_tokens"),
+    ("/v1/completions", _body(stream="yes"), 422, "stream"),
+    ("/v1/completions", _body(temperature=2.5), 422, "temperature"),
+    ("/v1/completions", _body(top_p=0), 422, "top_p"),
+    ("/v1/completions", _body(max_tokens=0), 422, "max_tokens"),
+    ("/v1/completions", _body(max_tokens=10**6), 400, "max_tokens"),
+    ("/v1/completions", _body(n=2), 400, "n"),
+    ("/v1/completions", _body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("/v1/completions", _body(stop=""), 400, "stop"),
+    ("/v1/completions", _body(logprobs=3), 400, "logprobs"),
+    ("/v1/completions", _body(prompt=["a", "b"]), 400, "prompt"),
+    ("/v1/completions", _body(prompt=[1, 99999]), 400, "prompt"),
+    ("/v1/completions", _body(prompt=[]), 400, "prompt"),
+    ("/v1/completions", _body(prompt="Once upon a time " * 200), 400, "context_length_exceeded"),
+    ("/v1/completions", _body(model="gpt-4"), 404, "model_not_found"),
+    ("/v1/completions", b'{"model": "stories260K", "prompt": "' + b"a" * (2 << 20) + b'"}', 413, None),
+    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": []}).encode(), 422, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": [{"role": "robot", "content": "x"}]})
+     .encode(), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}).encode(), 400, "messages[0].content"),
+    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": "hi"}).encode(), 422, "messages"),
+]
+
+
+def test_bad_input_gets_its_status_and_an_openai_error_body(server):
+    url, _ = server
+    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
+        for path, body, status, what in BAD:
+            r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (body[:80], r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            if what is not None:
+                assert what in (err["param"], err["code"]), (body[:80], err)
+        assert http.get("/v1/nothing").status_code == 404
+        assert http.get("/v1/completions").json()["error"]["message"]  # 405, still an OpenAI body
+        assert http.get("/health").json()["status"] == "ok"
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_api_key_on_every_endpoint_but_health(server):
+    url, _ = server
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/chat/completions"), ("GET", "/nowhere")):
+            r = httpx.request(method, url + path, headers=headers, content=_body())
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/health").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def _one(url, i, target, refs):
+    """Client i of a round: alternates chat / completion, streaming / not, and lengths."""
+    chat, stream, n = i % 2 == 0, i % 4 < 2, 2 + i % 7
+    key = QUESTIONS[i % len(QUESTIONS)] if chat else PROMPTS[i % len(PROMPTS)]
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": "stories260K", "max_tokens": n, "temperature": 0, "stream": stream}
+    body.update({"messages": [{"role": "user", "content": key}]} if chat else {"prompt": key})
+    with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+        if not stream:
+            choice = http.post(path, json=body).json()["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+        else:
+            with http.stream("POST", path, json=body) as r:
+                events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            choices = [json.loads(e)["choices"][0] for e in events[:-1]]
+            text = "".join(c["delta"].get("content", "") if chat else c["text"] for c in choices)
+    assert text == expected(target.tokenizer, refs, key, n, chat), (i, chat, stream, n)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_32_concurrent_clients_mixed_streaming(server, refs, target):
+    url, app = server
+    threads, rss = [], []
+    for _round in range(3):
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda i: _one(url, i, target, refs), range(32)))
+        gc.collect()
+        threads.append(threading.active_count())
+        rss.append(_rss_mb())
+    assert threads[0] == threads[-1], threads
+    assert rss[-1] - rss[0] < 25, rss
+    assert not [o for o in gc.get_objects() if type(o) is Job]
+    assert app.state.worker.depth == 0 and app.state.worker.alive()
+    assert httpx.get(url + "/health").json() == {"status": "ok", "queue_depth": 0}
+    metrics = httpx.get(url + "/metrics", headers=AUTH).text
+    for name in ("requests_total", "generated_tokens_total", "tokens_per_second", "accept_length_bucket",
+                 "queue_depth"):
+        assert f"amphista_{name}" in metrics
+    assert 'amphista_requests_total{endpoint="/v1/completions",code="200"}' in metrics
+
+
+def _metric(url, line_start) -> float:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(line_start)))
+
+
+def test_disconnected_clients_free_their_slot(server):
+    url, _ = server
+    cancelled = 'amphista_generations_total{reason="cancelled"}'
+    before, tokens_before = _metric(url, cancelled), _metric(url, "amphista_generated_tokens_total")
+    body = {"model": "stories260K", "prompt": "Once", "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            next(r.iter_lines())  # the first event arrived: generation is running; now hang up
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:  # non-streaming, hangs up
+        raw = json.dumps({**body, "stream": False}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
+        time.sleep(0.3)
+    deadline = time.time() + 20
+    while _metric(url, cancelled) < before + 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert _metric(url, cancelled) == before + 2
+    assert _metric(url, "amphista_generated_tokens_total") - tokens_before < 2 * 480
+    assert _metric(url, "amphista_active_generations") == 0
+
+
+class GatedDecoder(amphista.VanillaDecoder):
+    """Waits on `gate` before decoding; a prompt ending in token 499 raises mid-generation."""
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.gate = threading.Event()
+
+    def _run(self, request):
+        self.gate.wait(30)
+        if request.prompt[-1] == 499:
+            raise RuntimeError("the decoder broke")
+        return (yield from super()._run(request))
+
+
+def test_errors_stay_with_their_request_and_a_full_queue_says_503(target, refs):
+    decoder = GatedDecoder(target)
+    app = create_app(decoder, max_queue=2)
+    body = {"model": "stories260K", "max_tokens": 6, "temperature": 0}
+    with Server(app) as url, ThreadPoolExecutor(4) as pool:
+        post = lambda b: httpx.post(url + "/v1/completions", json={**body, **b}, timeout=60)  # noqa: E731
+        good = pool.submit(post, {"prompt": PROMPTS[1]})
+        while app.state.metrics.active == 0:  # the worker holds the first request at the gate
+            time.sleep(0.01)
+        bad = pool.submit(post, {"prompt": [1, 499]})
+        bad_stream = pool.submit(post, {"prompt": [1, 499], "stream": True})
+        while app.state.worker.depth < 2:
+            time.sleep(0.01)
+        full = post({"prompt": "x"})
+        assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
+        decoder.gate.set()
+        assert good.result().json()["choices"][0]["text"] == expected(target.tokenizer, refs, PROMPTS[1], 6)
+        assert bad.result().status_code == 500 and "decoder broke" in bad.result().json()["error"]["message"]
+        events = [ln[6:] for ln in bad_stream.result().text.splitlines() if ln.startswith("data: ")]
+        assert "decoder broke" in json.loads(events[0])["error"]["message"] and events[-1] == "[DONE]"
+        assert post({"prompt": PROMPTS[1]}).json()["choices"][0]["text"] == good.result().json()["choices"][0]["text"]
+        assert httpx.get(url + "/health").status_code == 200
