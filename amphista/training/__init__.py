@@ -6,7 +6,7 @@
 
 from .config import TrainConfig, apply_overrides
 from .data import DataReport, Example, load_examples
-from .distill import DistillConfig, distill
+from .distillation import DistillConfig, distill
 from .evaluate import format_table, head_accuracy
 from .losses import DraftLoss, head_weights
 from .trainer import TrainResult, train

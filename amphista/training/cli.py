@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from .distill import DistillConfig, distill
+    from .distillation import DistillConfig, distill
 
     cfg = DistillConfig(
         target=args.target, prompts=args.prompts, out=args.out, batch_size=args.batch_size,
@@ -102,7 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     result = train(train_config_from_args(args))
-    print(f"drafter saved to {result.out} after {result.steps} steps ({result.tokens_per_s:.0f} tokens/s)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"drafter saved to {result.out} after {result.steps} steps ({result.tokens_per_s:.0f} tokens/s)")
     return 0
 
 

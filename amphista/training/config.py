@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -122,7 +123,8 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
 
 def _coerce(key: str, value, hint):
     """Check a `--set` value against the field's annotation; ints are accepted where floats are."""
-    args = typing.get_args(hint) or (hint,)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else (hint,)
     if value is None and type(None) in args:
         return None
     for t in args:

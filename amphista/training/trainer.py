@@ -87,7 +87,10 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
     from accelerate.utils import DistributedType, set_seed
 
     cfg.validate()
-    world = PartialState().num_processes
+    # A multi-process launch on a machine without CUDA (torchrun, or `accelerate launch --multi_gpu`)
+    # trains on the CPU with gloo; accelerate would otherwise fall back to independent single processes.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = PartialState(cpu=cpu).num_processes
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // world)
     accum = cfg.batch_size // (micro * world)
     if accum < 1 or micro * world * accum != cfg.batch_size:
@@ -99,7 +102,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
     if precision == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if bf16 else "no")
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum, cpu=cpu)
     rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
     sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     set_seed(cfg.seed)
