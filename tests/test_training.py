@@ -191,8 +191,9 @@ def test_head_labels_and_counts():
 def test_loss_decreases_and_output_is_a_drafter(tmp_path):
     data = write_stories(tmp_path / "stories.jsonl", n=48)
     target = tiny_target()
-    cfg = config(tmp_path, [data], drafter="amphista", max_steps=30, log_every=5, batch_size=8)
+    cfg = config(tmp_path, [data], drafter="amphista", max_steps=30, log_every=5, batch_size=8, tensorboard=True)
     result = train(cfg, target=target)
+    assert os.listdir(tmp_path / "out" / "tensorboard")
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     lm = [r["lm_loss"][0] for r in rows if "loss" in r]

@@ -139,6 +139,9 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(warmup, max_steps, cfg.min_lr_ratio))
     weights = head_weights(K, cfg.head_weighting, cfg.head_decay)
     model = DraftLoss(drafter, weights, cfg.lm_weight, cfg.align_weight, cfg.logits_chunk)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed reads the micro-batch size from a dataloader; batches here are built by hand.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
 
@@ -178,6 +181,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
             # Fresh tensors outside inference mode: autograd must be able to save them for backward.
             hidden = hidden.to(torch.float32).clone()
             logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
+            del logits  # (B, T, V) float32: at 7B sizes worth freeing before the drafter runs
             with accelerator.accumulate(model):
                 loss, stats = model(hidden, ids, mask, logp, norm)
                 # The loss is already this micro-batch's share of the global mean: undo accelerate's
