@@ -109,6 +109,16 @@ def test_every_switch_builds_runs_and_gets_gradients(target, name):
     assert drafter.draft(hidden[:1, :5], nxt[:1, :5], 0).shape == (K, target.vocab_size)
 
 
+def test_training_after_drafting_in_another_dtype(target):
+    # Tables cached while drafting (inference mode) must not leak into autograd.
+    drafter = make(target, dtype=torch.bfloat16, position_embedding="rotary", sal_variant="split")
+    hidden, nxt = batch(target, B=1, T=6)
+    drafter.reset(8)
+    drafter.draft(hidden, nxt, 0)
+    drafter(hidden, nxt).float().logsumexp(-1).mean().backward()
+    assert drafter.resblocks.weight.grad is not None
+
+
 def test_position_ids_and_right_padding(target):
     drafter = perturb(make(target))
     hidden, nxt = batch(target, B=2, T=10)

@@ -55,7 +55,8 @@ class AutoEmbeddingBlock(nn.Module):
             self._fixed["cpu"] = rope_tables(positions, rope_inv_freq(cfg.head_dim, 1e4), torch.float32)
 
     def _tables(self, x: torch.Tensor):
-        key = (x.device, x.dtype)
+        # Tables made while drafting (inference mode) cannot enter autograd: keep separate copies.
+        key = (x.device, x.dtype, torch.is_inference_mode_enabled())
         if key not in self._fixed:
             self._fixed[key] = tuple(
                 None if t is None else t.to(x.device, x.dtype) for t in self._fixed["cpu"]

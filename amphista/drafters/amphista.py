@@ -37,9 +37,10 @@ class AmphistaDrafter(HeadDrafter):
             c.head_bias,
             c.rms_norm_eps,
         )
-        # split variant: which SAL stage output each head reads; None when all read the same one.
+        # split variant: (stage, number of heads) runs, near heads first; None when all heads read one output.
+        # Plain ints, not an index tensor: nothing to move between devices or out of inference mode.
         stages = c.head_stages() if c.use_sal and c.sal_variant == "split" else None
-        self._head_stage = None if stages is None else torch.tensor(stages, device="cpu")
+        self._stage_runs = None if stages is None else [(s, stages.count(s)) for s in sorted(set(stages))]
 
     def features(self, hidden, next_tokens, position_ids=None) -> torch.Tensor:
         h = hidden.to(self.dtype)  # (B, T, d)
@@ -48,11 +49,10 @@ class AmphistaDrafter(HeadDrafter):
 
     def _heads(self, a: torch.Tensor) -> torch.Tensor:
         """a (B, T, d), or (B, T, S, d) per SAL stage for the split variant -> (B, T, K, d)."""
-        per_head = self._head_stage is not None
+        per_head = self._stage_runs is not None
         if per_head:
-            if self._head_stage.device != a.device:
-                self._head_stage = self._head_stage.to(a.device)
-            a = a.index_select(-2, self._head_stage)  # (B, T, K, d)
+            *lead, _, d = a.shape
+            a = torch.cat([a[..., s : s + 1, :].expand(*lead, n, d) for s, n in self._stage_runs], dim=-2)  # (B,T,K,d)
         x = self.resblocks(a, per_head=per_head)  # (B, T, K, d)
         if self.aeb is not None:
             x = self.aeb(x.reshape(-1, *x.shape[-2:])).view(x.shape)  # (B*T, K, d): one group per position
