@@ -104,7 +104,7 @@ class AmphistaConfig(_Config):
     sal_width: int | None = None  # None: hidden_size; smaller widths add in/out projections
     aeb_width: int | None = None
     intermediate_size: int | None = None  # SwiGLU size at full width; scaled with the widths
-    head_dim: int = 64
+    head_dim: int | None = None  # None: 64, or the largest of 32/16/8 dividing both widths
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
 
@@ -113,6 +113,9 @@ class AmphistaConfig(_Config):
         d = self.hidden_size
         self.sal_width = int(self.sal_width or d)
         self.aeb_width = int(self.aeb_width or d)
+        if self.head_dim is None:
+            fits = [h for h in (64, 32, 16, 8) if self.sal_width % h == 0 and self.aeb_width % h == 0]
+            self.head_dim = fits[0] if fits else min(self.sal_width, self.aeb_width)
         if self.intermediate_size is None:
             self.intermediate_size = -(-8 * d // 3 // 32) * 32  # Llama's 8/3 ratio, rounded up to 32
         if self.sal_variant not in SAL_VARIANTS:
