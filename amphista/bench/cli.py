@@ -1,0 +1,166 @@
+"""`amphista bench` (speed benchmark) and `amphista tree` (a tree from measured head accuracies)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="speed benchmark: vanilla vs each drafter on a question set (Spec-Bench style)",
+        description="Vanilla decoding (the faster of amphista's loop and transformers generate()) and every "
+        "drafter, on the same prompts in one process; tokens/s, speedup, tau, step latency, greedy exactness.",
+    )
+    p.add_argument("--target", help="Hugging Face model folder (default: the bundled stories260K model)")
+    p.add_argument(
+        "--drafter",
+        action="append",
+        metavar="NAME=DIR",
+        help="a drafter folder, repeatable (default with the bundled target: its medusa and amphista)",
+    )
+    p.add_argument("--questions", help="MT-Bench/Spec-Bench JSONL (default: the shipped story openings)")
+    p.add_argument("--categories", help="comma-separated categories to keep")
+    p.add_argument("--limit", type=int, help="at most this many questions")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--runs", type=int, default=3, help="repeat everything this many times (mean ± std)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up passes per method before timing")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tree",
+        default="mc_sim_7b_63",
+        help="tree name, JSON file, or 'auto' (built from each drafter's head_accuracy.json)",
+    )
+    p.add_argument("--tree-nodes", type=int, default=64, help="size of 'auto' trees")
+    p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
+    p.add_argument(
+        "--head-accuracy",
+        action="append",
+        metavar="NAME=FILE",
+        help="head accuracies for a drafter (default: head_accuracy.json in its folder)",
+    )
+    p.add_argument("--no-hf-baseline", action="store_true", help="skip transformers generate() as a baseline")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: where the model loads)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--out", required=True, metavar="RESULTS_DIR", help="folder for answers, results.json, plots"
+    )
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_bench)
+
+    t = sub.add_parser(
+        "tree",
+        help="build the best token tree for a drafter from its head accuracies",
+        description="Medusa-style tree of N tokens (root included) with the highest expected "
+        "accepted length, from per-head top-k accuracies.",
+    )
+    t.add_argument(
+        "--accuracies", required=True, metavar="FILE", help='JSON {"top_k": [[top1, ...] per head]}'
+    )
+    t.add_argument("--nodes", type=int, required=True, help="tokens verified per step, root included")
+    t.add_argument("--out", metavar="FILE", help="write the tree as JSON (loadable by --tree FILE)")
+    t.set_defaults(func=run_tree)
+
+
+def _pairs(values, flag: str) -> dict[str, str]:
+    out = {}
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"{flag} {v!r}: expected NAME=FILE")
+        out[name] = path
+    return out
+
+
+def _sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise InputError(f"--tree-sweep {text!r}: expected comma-separated integers like 8,16,32,64") from e
+
+
+def config_from_args(args):
+    from . import loading
+    from .runner import BenchConfig
+
+    drafters = loading.parse_drafter_args(args.drafter) if args.drafter else None
+    return BenchConfig(
+        target=args.target,
+        drafters=drafters,
+        questions=args.questions,
+        categories=args.categories,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        tree=args.tree,
+        tree_nodes=args.tree_nodes,
+        tree_sweep=_sizes(args.tree_sweep),
+        head_accuracies=_pairs(args.head_accuracy, "--head-accuracy"),
+        hf_baseline=not args.no_hf_baseline,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        out=args.out,
+        progress=not args.quiet,
+        plots=not args.no_plots,
+    )
+
+
+def run_bench(args) -> int:
+    from .report import markdown
+    from .runner import run_benchmark
+
+    cfg = config_from_args(args)
+    if cfg.target is not None and cfg.drafters is None:
+        print(
+            "amphista bench: no --drafter given for this target: timing vanilla decoding only",
+            file=sys.stderr,
+        )
+    results = run_benchmark(cfg)
+    print(markdown(results))
+    print(f"\nwritten to {args.out}/ (results.json, results.md, answers/, plots)")
+    # A greedy mismatch is a correctness failure, not a number: scripts and CI must notice it.
+    return 1 if results["warnings"] else 0
+
+
+def run_tree(args) -> int:
+    from ..tree import build_tree, load_accuracies, rank_probs_from_topk
+
+    acc = load_accuracies(args.accuracies)
+    tree = build_tree(acc, args.nodes)
+    tau = tree.expected_accept_length(rank_probs_from_topk(acc))
+    print(
+        f"tree: {tree.num_nodes} nodes (root included), depth {tree.depth}, expected tau {tau:.3f} "
+        f"(independent heads, bonus included)"
+    )
+    for depth in range(1, tree.depth + 1):
+        paths = [list(p) for p in tree.paths if len(p) == depth]
+        print(f"  depth {depth} ({len(paths)}): {json.dumps(paths)}")
+    if args.out:
+        data = {
+            "paths": tree.to_json(),
+            "num_nodes": tree.num_nodes,
+            "depth": tree.depth,
+            "expected_tau": tau,
+            "accuracies": args.accuracies,
+        }
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        print(f"written to {args.out} (use it with --tree {args.out})")
+    return 0

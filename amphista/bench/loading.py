@@ -1,0 +1,168 @@
+"""Finding and loading what a benchmark runs: the target, the drafters, their trees.
+
+Everything that can be checked from files alone (folders, config.json, head accuracies, tree files)
+is checked before any model is loaded, so a typo fails in a second, not after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import bundled
+from ..errors import CheckpointError, DrafterMismatchError, InputError
+from ..target import TargetModel
+from ..tree import TreeSpec, build_tree, load_accuracies
+
+BUNDLED_DRAFTERS = ("medusa", "amphista")
+TRAIN_SCRIPT = "scripts/train_bundled_drafters.py"
+ACCURACY_FILE = "head_accuracy.json"
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def bundled_drafter_dir(name: str) -> Path:
+    fn = getattr(bundled, "default_drafter_path", None)
+    if fn is not None:
+        return Path(fn(name))
+    return Path(bundled.default_target_path()).parent / "drafters" / name
+
+
+def bundled_drafters() -> dict[str, Path]:
+    """The bundled drafter folders; a clear error naming the training script when one is missing."""
+    found = {name: bundled_drafter_dir(name) for name in BUNDLED_DRAFTERS}
+    missing = [name for name, p in found.items() if not (p / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"the bundled {' and '.join(missing)} drafter{'s are' if len(missing) > 1 else ' is'} not installed "
+            f"(looked in {found[missing[0]].parent}): train them with `python {TRAIN_SCRIPT}`, or pass "
+            "--drafter NAME=DIR"
+        )
+    return found
+
+
+def parse_drafter_args(values: list[str] | None) -> dict[str, str]:
+    """["medusa=DIR", "DIR2"] -> {"medusa": "DIR", "<basename of DIR2>": "DIR2"}."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value.rstrip("/")).name, value
+        if not name or not path:
+            raise InputError(f"--drafter {value!r}: expected NAME=DIR, e.g. --drafter medusa=out/medusa")
+        if name in out:
+            raise InputError(f"two drafters are named {name!r}: give each --drafter a distinct NAME=DIR")
+        out[name] = path
+    return out
+
+
+def dtype_of(name) -> torch.dtype | str:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_target(spec, device: str | None = None, dtype="auto") -> TargetModel:
+    """None: the bundled model; a folder: a Hugging Face model; a TargetModel or a transformers model."""
+    dt = dtype_of(dtype)
+    if spec is None:
+        target = bundled.load_default_target(torch.float32 if dt == "auto" else dt)
+    elif isinstance(spec, (str, os.PathLike)):
+        target = TargetModel.load(spec, dtype=dt)
+    else:
+        target = TargetModel.wrap(spec)
+    if device:
+        target.model.to(device)
+    if target.tokenizer is None:
+        raise InputError("the target has no tokenizer: benchmark questions are text, load a folder with one")
+    return target
+
+
+def target_shape(spec) -> dict | None:
+    """hidden size, vocabulary and architecture of a target, from its config.json only (no weights)."""
+    if spec is None:
+        spec = bundled.default_target_path()
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    if not os.path.isdir(spec):
+        raise InputError(f"target {str(spec)!r} is not a directory: pass a local Hugging Face model folder")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(spec)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    return {"hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "architecture": arch}
+
+
+def check_drafter_dir(name: str, path, shape: dict | None) -> dict:
+    """The drafter's config.json, checked against the target's shape; raises before loading anything."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"drafter {name!r}: {str(path)!r} is not a folder: pass a folder saved by training"
+        )
+    file = path / "config.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"drafter {name!r}: cannot read {file} ({e}): pass a folder saved by training"
+        ) from e
+    built = meta.get("built_for") or meta.get("config") or {}
+    if shape:
+        for key in ("vocab_size", "hidden_size", "architecture"):
+            mine, theirs = built.get(key), shape.get(key)
+            if mine and theirs and mine != theirs:
+                raise DrafterMismatchError(
+                    f"drafter {name!r} at {path} was built for a target with {key} {mine} but this target has "
+                    f"{theirs}: pass a drafter trained for this target"
+                )
+    return meta
+
+
+def load_drafter_dir(name: str, path, target: TargetModel):
+    from ..drafters import load_drafter
+
+    drafter = load_drafter(path, target)
+    return drafter.to(device=target.device, dtype=target.dtype)
+
+
+def accuracies_for(name: str, path, override=None) -> list[list[float]]:
+    """Per-head top-k accuracies: `override` (a file or the list itself), else head_accuracy.json beside
+    the drafter's weights."""
+    if isinstance(override, list):
+        return override
+    file = Path(override) if override is not None else (Path(path) / ACCURACY_FILE if path else None)
+    if file is None or not file.is_file():
+        where = f"{file}" if file is not None else "(no folder: the drafter was passed as an object)"
+        raise InputError(
+            f"drafter {name!r} has no head accuracies {where}: tree building needs {ACCURACY_FILE} next to the "
+            "drafter's weights; write it with `amphista heads-accuracy` or pass head accuracies explicitly"
+        )
+    return load_accuracies(file)
+
+
+def tree_for(tree, nodes: int, accuracies=None) -> TreeSpec | str:
+    """ "auto" builds the best `nodes`-token tree from head accuracies; anything else is passed through."""
+    if isinstance(tree, str) and tree == "auto":
+        return build_tree(accuracies, nodes)
+    return tree
+
+
+def check_tree(tree) -> None:
+    """Validate a named tree, a tree file or a path list now ("chain" and "auto" depend on the drafter)."""
+    if tree is None or (isinstance(tree, str) and tree in ("chain", "auto")):
+        return
+    TreeSpec.load(tree)

@@ -1,0 +1,280 @@
+"""`run_benchmark(BenchConfig(...))`: vanilla decoding and every drafter on the same prompts, in one process.
+
+Order of work: check everything that can be checked from files (questions, categories, drafter folders,
+trees, head accuracies), load the target and drafters (a drafter for another target fails here), check
+that the prompts fit, warm every method up, then answer every question with every method, run after
+run, rotating which method goes first so that machine noise falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..decoder import SpeculativeDecoder
+from ..errors import InputError
+from ..tree import TreeSpec, build_tree, rank_probs_from_topk
+from . import loading
+from .environment import drafter_info, environment
+from .methods import LOOP, Method, Settings, vanilla_methods
+from .questions import answer_text, default_questions_path, load_questions, turn_prompt
+from .stats import Record, summarize
+
+WARMUP_TOKENS = 32
+
+
+@dataclass
+class BenchConfig:
+    target: object = None  # None: the bundled model; a folder; a TargetModel or transformers model
+    drafters: dict | None = None  # name -> folder or Drafter; None: the bundled ones (bundled target only)
+    questions: object = None  # JSONL file or list of question dicts; None: the shipped story openings
+    categories: list[str] | str | None = None
+    limit: int | None = None  # at most this many questions (after the category filter)
+    max_new_tokens: int = 256
+    runs: int = 3
+    warmup: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    tree: object = "mc_sim_7b_63"  # a name, a JSON file, a path list, or "auto" (built from head accuracies)
+    tree_nodes: int = 64  # size of "auto" trees
+    tree_sweep: list[int] | None = None  # one method per drafter and tree size, built from head accuracies
+    head_accuracies: dict = field(default_factory=dict)  # name -> file or list; default: head_accuracy.json
+    hf_baseline: bool = True  # also time `transformers` generate() as a vanilla candidate
+    extra_methods: dict = field(
+        default_factory=dict
+    )  # name -> object with .generate(ids, **kw) -> GenerateOutput
+    device: str | None = None
+    dtype: str = "auto"
+    threads: int | None = None
+    out: str | None = None  # results folder; None: nothing is written
+    progress: bool = True
+    plots: bool = True
+
+
+def _check_settings(cfg: BenchConfig) -> None:
+    if not isinstance(cfg.runs, int) or cfg.runs < 1:
+        raise InputError(f"runs must be a positive integer, got {cfg.runs!r}")
+    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
+    if cfg.temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {cfg.temperature}")
+    if cfg.tree_sweep is not None and (not cfg.tree_sweep or any(int(n) < 2 for n in cfg.tree_sweep)):
+        raise InputError(f"tree sizes must be at least 2 nodes (root + 1), got {cfg.tree_sweep}")
+    clash = set(cfg.extra_methods) & {LOOP, "vanilla_hf"}
+    if clash:
+        raise InputError(f"{sorted(clash)} are the vanilla methods' names: name custom methods differently")
+
+
+def _drafter_specs(cfg: BenchConfig) -> dict:
+    if cfg.drafters is not None:
+        return dict(cfg.drafters)
+    return dict(loading.bundled_drafters()) if cfg.target is None else {}
+
+
+def _is_path(spec) -> bool:
+    return isinstance(spec, (str, os.PathLike))
+
+
+def _needs_accuracies(cfg: BenchConfig) -> bool:
+    return cfg.tree_sweep is not None or (isinstance(cfg.tree, str) and cfg.tree == "auto")
+
+
+def prepare(cfg: BenchConfig):
+    """Everything up to the first generation: -> (target, questions, methods, sweep plan)."""
+    _check_settings(cfg)
+    questions = load_questions(cfg.questions, cfg.categories, cfg.limit)
+    specs = _drafter_specs(cfg)
+    shape = loading.target_shape(cfg.target) if any(map(_is_path, specs.values())) else None
+    for name, spec in specs.items():
+        if _is_path(spec):
+            loading.check_drafter_dir(name, spec, shape)
+    loading.check_tree(cfg.tree)
+    accuracies = {}
+    if _needs_accuracies(cfg):
+        for name, spec in specs.items():
+            path = spec if _is_path(spec) else None
+            accuracies[name] = loading.accuracies_for(name, path, cfg.head_accuracies.get(name))
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    target = loading.load_target(cfg.target, cfg.device, cfg.dtype)
+    methods = vanilla_methods(target, cfg.hf_baseline)
+    sweep = {}
+    for name, spec in specs.items():
+        path = spec if _is_path(spec) else None
+        drafter = loading.load_drafter_dir(name, spec, target) if path else spec
+        info = {"drafter": drafter_info(drafter, path)}
+        if cfg.tree_sweep is not None:
+            probs = rank_probs_from_topk(accuracies[name])
+            for n in cfg.tree_sweep:
+                tree = build_tree(accuracies[name], int(n))
+                sweep.setdefault(name, []).append((f"{name}@{n}", int(n), tree.expected_accept_length(probs)))
+                methods.append(_speculative(f"{name}@{n}", target, drafter, tree, info, f"build_tree({n})"))
+        else:
+            tree = loading.tree_for(cfg.tree, cfg.tree_nodes, accuracies.get(name))
+            source = (
+                f"build_tree({cfg.tree_nodes})"
+                if isinstance(tree, TreeSpec) and cfg.tree == "auto"
+                else cfg.tree
+            )
+            methods.append(_speculative(name, target, drafter, tree, info, source))
+    for name, obj in cfg.extra_methods.items():
+        methods.append(Method(name, obj, "custom", {"class": type(obj).__name__}))
+    for q in questions:  # later turns depend on the answers; the first ones can be checked now
+        n = len(turn_prompt(target.tokenizer, q.turns, []))
+        if target.max_context and n >= target.max_context:
+            raise InputError(
+                f"question {q.question_id!r}: the prompt has {n} tokens but the target's context window is "
+                f"{target.max_context}: shorten it or leave it out with --categories"
+            )
+    return target, questions, methods, sweep
+
+
+def _speculative(name, target, drafter, tree, info, source) -> Method:
+    decoder = SpeculativeDecoder(target, drafter, tree=tree)  # raises DrafterMismatchError / TreeError
+    spec = decoder.tree
+    tree_info = {
+        "source": source if isinstance(source, str) else "paths",
+        "num_nodes": spec.num_nodes,
+        "depth": spec.depth,
+    }
+    return Method(name, decoder, "speculative", {**info, "tree": tree_info})
+
+
+def _settings(cfg: BenchConfig, run: int, qi: int, turn: int, max_new: int | None = None) -> Settings:
+    # Sampling: the same seed for every method on the same turn of the same run.
+    seed = cfg.seed + 1_000_003 * run + 1009 * qi + turn if cfg.temperature > 0 else None
+    return Settings(max_new or cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, seed)
+
+
+def _answer(method, target, q, qi, run, cfg) -> list[Record]:
+    records, answers = [], []
+    for t in range(len(q.turns)):
+        prompt = turn_prompt(target.tokenizer, q.turns, answers)
+        if target.max_context and len(prompt) >= target.max_context:
+            raise InputError(
+                f"question {q.question_id!r} turn {t + 1}: the conversation so far has {len(prompt)} tokens, "
+                f"more than the context window ({target.max_context}): lower --max-new-tokens"
+            )
+        out = method.run(target, prompt, _settings(cfg, run, qi, t))
+        text = answer_text(target.tokenizer, prompt, out.tokens)
+        answers.append(text)
+        records.append(Record(run, method.name, q.question_id, q.category, t, prompt, out, text))
+    return records
+
+
+def execute(cfg: BenchConfig, target, questions, methods) -> list[Record]:
+    from tqdm.auto import tqdm
+
+    first = turn_prompt(target.tokenizer, questions[0].turns, [])
+    for _ in range(cfg.warmup):
+        for m in methods:
+            m.run(target, first, _settings(cfg, 0, 0, 0, min(cfg.max_new_tokens, WARMUP_TOKENS)))
+    records: list[Record] = []
+    bar = tqdm(
+        total=cfg.runs * len(questions) * len(methods),
+        desc="bench",
+        unit="answer",
+        disable=not cfg.progress,
+        file=sys.stderr,
+    )
+    k = 0
+    for run in range(cfg.runs):
+        for qi, q in enumerate(questions):
+            order = methods[k % len(methods) :] + methods[: k % len(methods)]
+            k += 1
+            for m in order:
+                bar.set_postfix_str(f"run {run + 1}/{cfg.runs} {m.name}", refresh=False)
+                records.extend(_answer(m, target, q, qi, run, cfg))
+                bar.update(1)
+    bar.close()
+    return records
+
+
+def run_benchmark(cfg: BenchConfig) -> dict:
+    """Run the benchmark; returns the results.json dict (and writes RESULTS_DIR when cfg.out is set)."""
+    target, questions, methods, sweep = prepare(cfg)
+    t0 = time.time()
+    records = execute(cfg, target, questions, methods)
+    names = [m.name for m in methods]
+    summary, vanilla = summarize(records, names, cfg.runs)
+    for m in methods:
+        summary[m.name] = {"kind": m.kind, **m.info, **summary[m.name]}
+    results = {
+        "methods": summary,
+        "vanilla": vanilla,
+        "settings": _settings_dict(cfg, questions),
+        "environment": environment(target),
+        "elapsed_s": time.time() - t0,
+        "warnings": _warnings(summary, cfg),
+    }
+    if sweep:
+        results["tree_sweep"] = {
+            name: [
+                {
+                    "nodes": n,
+                    "num_nodes": summary[m]["tree"]["num_nodes"],
+                    "expected_tau": exp,
+                    **{k: summary[m][k] for k in ("tau", "speedup", "tokens_per_s", "exact_match")},
+                }
+                for m, n, exp in entries
+            ]
+            for name, entries in sweep.items()
+        }
+    for w in results["warnings"]:
+        print(f"\n{'!' * 78}\n!! {w}\n{'!' * 78}", file=sys.stderr)
+    if cfg.out:
+        from .report import write_all
+
+        write_all(cfg.out, results, records, questions, methods, target, plots=cfg.plots)
+    return results
+
+
+def _settings_dict(cfg: BenchConfig, questions) -> dict:
+    keep = (
+        "max_new_tokens",
+        "runs",
+        "warmup",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "tree_nodes",
+        "tree_sweep",
+        "hf_baseline",
+        "device",
+        "dtype",
+        "threads",
+        "limit",
+    )
+    d = {k: v for k, v in asdict(cfg).items() if k in keep}
+    d["tree"] = cfg.tree if isinstance(cfg.tree, str) or cfg.tree is None else "paths"
+    source = default_questions_path() if cfg.questions is None else cfg.questions
+    d["questions"] = str(source) if _is_path(source) else "list"
+    d["categories"] = sorted({q.category for q in questions})
+    d["num_questions"] = len(questions)
+    d["num_turns"] = sum(len(q.turns) for q in questions)
+    d["greedy"] = cfg.temperature == 0
+    return d
+
+
+def _warnings(summary: dict, cfg: BenchConfig) -> list[str]:
+    if cfg.temperature > 0:
+        return []  # sampled outputs are not expected to match token for token
+    out = []
+    for name, m in summary.items():
+        if m["exact_mismatches"]:
+            ex = m["mismatch_examples"][0]
+            out.append(
+                f"GREEDY MISMATCH: {name} differs from vanilla decoding on {m['exact_mismatches']} of {m['turns']} "
+                f"turns (first: question {ex['question_id']!r}, turn {ex['turn'] + 1}, run {ex['run'] + 1}, "
+                f"token {ex['first_diff_at']}). At temperature 0 the output must be identical: in float32 this is "
+                "a bug; in bfloat16/float16, batched tree forwards can flip near-tied argmaxes."
+            )
+    return out
