@@ -7,6 +7,6 @@ See docs/benchmark.md for what each number means.
 """
 
 from .questions import Question, default_questions_path, load_questions
-from .runner import BenchConfig, run_benchmark
+from .runner import BenchConfig, benchmark, run_benchmark
 
-__all__ = ["BenchConfig", "Question", "default_questions_path", "load_questions", "run_benchmark"]
+__all__ = ["BenchConfig", "benchmark", "Question", "default_questions_path", "load_questions", "run_benchmark"]

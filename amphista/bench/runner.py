@@ -199,6 +199,11 @@ def execute(cfg: BenchConfig, target, questions, methods) -> list[Record]:
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run the benchmark; returns the results.json dict (and writes RESULTS_DIR when cfg.out is set)."""
+    return benchmark(cfg)[0]
+
+
+def benchmark(cfg: BenchConfig) -> tuple[dict, list[Record]]:
+    """`run_benchmark`, also returning every answered turn (tokens, text, timings)."""
     target, questions, methods, sweep = prepare(cfg)
     t0 = time.time()
     records = execute(cfg, target, questions, methods)
@@ -233,7 +238,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         from .report import write_all
 
         write_all(cfg.out, results, records, questions, methods, target, plots=cfg.plots)
-    return results
+    return results, records
 
 
 def _settings_dict(cfg: BenchConfig, questions) -> dict:
