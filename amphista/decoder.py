@@ -18,6 +18,7 @@ from .drafters.base import Drafter
 from .errors import InputError, TreeError
 from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
+from .target import decode_attention
 from .tree import TreeBuffers, TreeSpec
 from .verify import verify_greedy, verify_sampling, verify_typical
 
@@ -131,7 +132,8 @@ class SpeculativeDecoder(Decoder):
         while reason is None:
             ts = time.perf_counter()
             start = cache.length  # position of the root
-            draft_logits = drafter.draft(*draft_in)  # (K, V)
+            with decode_attention(device):
+                draft_logits = drafter.draft(*draft_in)  # (K, V)
             top = torch.topk(draft_logits[:depth], k, dim=-1).indices  # (D, k)
             tokens = torch.cat([torch.tensor([root], device=device), top[buf.head, buf.rank]])  # (N,)
             out = target.forward(

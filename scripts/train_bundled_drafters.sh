@@ -6,26 +6,26 @@
 # 2. Medusa and Amphista drafters trained on them, with the same data, steps and held-out split
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/bundled}
+RUN_DIR=${RUN_DIR:-runs/bundled}
 STEPS=${STEPS:-1500}
 AMPHISTA=${AMPHISTA:-amphista}
 TARGET=$(${PYTHON:-python} -c "import amphista.bundled as b; print(b.default_target_path())")
-mkdir -p "$OUT"
+mkdir -p "$RUN_DIR"
 
-"$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$OUT/distill_t1.jsonl" \
+"$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$RUN_DIR/distill_t1.jsonl" \
     --num-samples 40 --temperature 1.0 --max-new-tokens 256 --batch-size 64 --seed 0 --no-progress
-"$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$OUT/distill_t06.jsonl" \
+"$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$RUN_DIR/distill_t06.jsonl" \
     --num-samples 20 --temperature 0.6 --max-new-tokens 256 --batch-size 64 --seed 1 --no-progress
 
 for drafter in medusa amphista; do
-    "$AMPHISTA" train --target "$TARGET" --data "$OUT/distill_t1.jsonl" "$OUT/distill_t06.jsonl" \
-        --drafter "$drafter" --out "$OUT/$drafter" --max-steps "$STEPS" --batch-size 32 --seq-len 256 \
+    "$AMPHISTA" train --target "$TARGET" --data "$RUN_DIR/distill_t1.jsonl" "$RUN_DIR/distill_t06.jsonl" \
+        --drafter "$drafter" --out "$RUN_DIR/$drafter" --max-steps "$STEPS" --batch-size 32 --seq-len 256 \
         --seed 0 --no-progress "$@"
 done
 
 for drafter in medusa amphista; do
     rm -rf "amphista/assets/drafters/$drafter"
     mkdir -p "amphista/assets/drafters/$drafter"
-    cp "$OUT/$drafter"/{config.json,model.safetensors,head_accuracy.json} "amphista/assets/drafters/$drafter/"
-    cp "$OUT/$drafter"/README.md "amphista/assets/drafters/$drafter/" 2>/dev/null || true
+    cp "$RUN_DIR/$drafter"/{config.json,model.safetensors,head_accuracy.json} "amphista/assets/drafters/$drafter/"
+    cp "$RUN_DIR/$drafter"/README.md "amphista/assets/drafters/$drafter/" 2>/dev/null || true
 done
