@@ -18,7 +18,7 @@ from ..target import TargetModel
 from ..tree import TreeSpec, build_tree, load_accuracies
 
 BUNDLED_DRAFTERS = ("medusa", "amphista")
-TRAIN_SCRIPT = "scripts/train_bundled_drafters.py"
+TRAIN_SCRIPT = "bash scripts/train_bundled_drafters.sh"
 ACCURACY_FILE = "head_accuracy.json"
 DTYPES = {
     "auto": "auto",
@@ -32,10 +32,10 @@ DTYPES = {
 
 
 def bundled_drafter_dir(name: str) -> Path:
-    fn = getattr(bundled, "default_drafter_path", None)
-    if fn is not None:
-        return Path(fn(name))
-    return Path(bundled.default_target_path()).parent / "drafters" / name
+    try:
+        return Path(bundled.default_drafter_path(name))
+    except CheckpointError:  # not installed: name the folder, bundled_drafters() explains what to do
+        return Path(bundled.default_target_path()).parent / "drafters" / name
 
 
 def bundled_drafters() -> dict[str, Path]:
@@ -45,7 +45,7 @@ def bundled_drafters() -> dict[str, Path]:
     if missing:
         raise CheckpointError(
             f"the bundled {' and '.join(missing)} drafter{'s are' if len(missing) > 1 else ' is'} not installed "
-            f"(looked in {found[missing[0]].parent}): train them with `python {TRAIN_SCRIPT}`, or pass "
+            f"(looked in {found[missing[0]].parent}): train them with `{TRAIN_SCRIPT}`, or pass "
             "--drafter NAME=DIR"
         )
     return found
