@@ -9,4 +9,11 @@ See docs/benchmark.md for what each number means.
 from .questions import Question, default_questions_path, load_questions
 from .runner import BenchConfig, benchmark, run_benchmark
 
-__all__ = ["BenchConfig", "benchmark", "Question", "default_questions_path", "load_questions", "run_benchmark"]
+__all__ = [
+    "BenchConfig",
+    "benchmark",
+    "Question",
+    "default_questions_path",
+    "load_questions",
+    "run_benchmark",
+]
