@@ -142,6 +142,19 @@ def test_mismatch_is_detected_and_flagged(target, tmp_path, capsys):
     assert "**MISMATCH 3/3**" in (tmp_path / "results.md").read_text()
 
 
+def test_mismatch_in_plain_transformers_decoding_points_at_numerics():
+    from amphista.bench.runner import _warnings
+
+    ex = {"question_id": 1, "turn": 0, "run": 0, "first_diff_at": 3}
+    bad = {"exact_mismatches": 1, "turns": 2, "mismatch_examples": [ex]}
+    ok = {"exact_mismatches": 0, "turns": 2, "mismatch_examples": []}
+    only_drafter = _warnings({"vanilla_hf": ok, "medusa": bad}, small())
+    assert len(only_drafter) == 1 and "reduced precision" not in only_drafter[0]
+    both = _warnings({"vanilla_hf": bad, "medusa": bad}, small())
+    assert len(both) == 2 and all("reduced precision" in w for w in both)
+    assert _warnings({"medusa": bad}, small(temperature=0.5)) == []
+
+
 def test_exactness_fraction():
     def rec(method, qid, turn, tokens):
         return Record(0, method, qid, "c", turn, [1], TurnOutput(tokens, 1.0, [1] * len(tokens), []))

@@ -18,6 +18,9 @@ def drafter_args(tmp_path_factory):
     target = amphista.load_default_target()
     amphista.MedusaDrafter.for_target(target).save_pretrained(root / "medusa")
     amphista.AmphistaDrafter.for_target(target).save_pretrained(root / "amphista")
+    acc = {"top_k": [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55], [0.3, 0.35, 0.4], [0.2, 0.25, 0.3]]}
+    for name in ("medusa", "amphista"):  # the demo builds its trees from these
+        (root / name / "head_accuracy.json").write_text(json.dumps(acc))
     return ["--drafter", f"medusa={root / 'medusa'}", "--drafter", f"amphista={root / 'amphista'}"]
 
 
@@ -35,6 +38,7 @@ def test_demo_json_has_the_results_schema(drafter_args, capsys):
     story = results["story"]
     assert story["method"] == "amphista" and story["equals_vanilla"] is True
     assert story["new_tokens"] == 8 and story["text"]
+    assert results["methods"]["amphista"]["tree"]["num_nodes"] == 16
 
 
 def test_demo_table(drafter_args, capsys):
@@ -44,6 +48,7 @@ def test_demo_table(drafter_args, capsys):
         "| amphista |" in out and "| vanilla_loop (baseline) |" in out or "| vanilla_hf (baseline) |" in out
     )
     assert "identical to vanilla: True" in out
+    assert "tree nodes per step (root included): medusa: 16, amphista: 16" in out
 
 
 def test_demo_without_drafters_names_the_training_script(tmp_path, monkeypatch, capsys):
