@@ -118,7 +118,7 @@ def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(tar
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "AMPHISTA_API_KEY": "env-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "amphista.cli", "serve", "--drafter", "none", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "amphista.cli", "serve", "--drafter", "none", "--threads", "1", "--port", str(port),
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -18,6 +18,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="drafter folder, 'amphista' / 'medusa' (bundled), or 'none' for vanilla decoding "
                         "(default: the bundled Amphista drafter with the bundled model, else none)")
     p.add_argument("--tree", default=None, help="token tree: a name (mc_sim_7b_63, chain) or a JSON file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)")
+
+
+def _set_threads(args) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def add_parser(subparsers) -> None:
@@ -69,6 +80,7 @@ def run_generate(args) -> int:
     from .terminal import chat, complete
 
     _check_generate_args(args)
+    _set_threads(args)
     decoder = load_decoder(args.target, args.drafter, args.tree)
     return chat(decoder, args) if args.chat else complete(decoder, args)
 
@@ -86,6 +98,7 @@ def run_serve(args) -> int:
     if args.host not in LOOPBACK and not api_key:
         print(f"amphista serve: warning: listening on {args.host} without an API key; anyone who can reach "
               f"this port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+    _set_threads(args)
     decoder = load_decoder(args.target, args.drafter, args.tree)
     app = create_app(decoder, model_name=args.model_name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                      max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)

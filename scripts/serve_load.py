@@ -1,0 +1,169 @@
+"""Load test of `amphista serve`: requests/s and tokens/s at 1, 8 and 32 concurrent clients, vanilla vs drafted.
+
+    python scripts/serve_load.py                      # bundled model: vanilla vs the bundled Amphista drafter
+    python scripts/serve_load.py --drafter none --drafter out/amphista --max-tokens 128 --out load.json
+    python scripts/serve_load.py --url http://127.0.0.1:8000 --model stories260K   # an already running server
+
+Each setting starts its own `amphista serve` subprocess (so client and server do not share a GIL), sends one
+warm-up request, then for each concurrency level keeps C clients busy (asyncio + httpx) until --requests
+requests have finished. Greedy decoding (temperature 0) on the prompts in amphista/assets/prompts. When the
+bundled drafter is not installed, "amphista" means a freshly initialised (untrained) drafter: lossless but
+with tau near 1, so it measures the overhead of drafting, not its speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = Path(__file__).resolve().parents[1] / "amphista" / "assets" / "prompts" / "stories.jsonl"
+
+
+def prompts() -> list[str]:
+    return [json.loads(line)["turns"][0] for line in PROMPTS.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_drafter(spec: str, target: str | None, tmp: str) -> tuple[str, str]:
+    """(label, --drafter value). 'amphista'/'medusa' fall back to an untrained drafter when not bundled."""
+    if spec in ("amphista", "medusa"):
+        from amphista import bundled
+        from amphista.errors import CheckpointError
+
+        try:
+            return spec, str(bundled.default_drafter_path(spec))
+        except CheckpointError:
+            import amphista
+
+            t = amphista.TargetModel.load(target) if target else amphista.load_default_target()
+            cls = amphista.AmphistaDrafter if spec == "amphista" else amphista.MedusaDrafter
+            path = os.path.join(tmp, spec)
+            cls.for_target(t).save_pretrained(path)
+            return f"{spec} (untrained)", path
+    return ("vanilla" if spec == "none" else Path(spec).name), spec
+
+
+def start_server(target: str | None, drafter: str, tree: str | None, port: int, threads: int | None):
+    cmd = [sys.executable, "-m", "amphista.cli", "serve", "--port", str(port), "--drafter", drafter,
+           "--log-level", "warning", "--max-queue", "1024"]
+    cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--target", target] if target else []
+    cmd += ["--tree", tree] if tree else []
+    env = {k: v for k, v in os.environ.items() if k != "AMPHISTA_API_KEY"}
+    return subprocess.Popen(cmd, env=env)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"the server at {url} did not become healthy in {timeout:.0f} s")
+
+
+async def run_level(url: str, model: str, clients: int, total: int, max_tokens: int, texts: list[str]) -> dict:
+    """`clients` concurrent clients share `total` requests; returns throughput and latency figures."""
+    todo = iter(range(total))
+    latencies: list[float] = []
+    tokens, taus = 0, []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for i in todo:
+            body = {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0}
+            t0 = time.perf_counter()
+            r = await http.post("/v1/completions", json=body)
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            data = r.json()
+            tokens += data["usage"]["completion_tokens"]
+            taus.append(data.get("amphista", {}).get("tau", 1.0))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "clients": clients, "requests": total, "seconds": round(wall, 3),
+        "requests_per_s": round(total / wall, 3), "tokens_per_s": round(tokens / wall, 1),
+        "mean_tau": round(sum(taus) / len(taus), 3), "p50_latency_s": round(latencies[len(latencies) // 2], 3),
+        "max_latency_s": round(latencies[-1], 3),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="model folder (default: the bundled stories260K)")
+    p.add_argument("--drafter", action="append", help="'none', 'amphista', 'medusa' or a folder (repeatable; "
+                   "default: none and amphista)")
+    p.add_argument("--tree", default=None)
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (serve --threads)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--url", help="measure this running server instead of starting one per drafter")
+    p.add_argument("--model", default="stories260K", help="model id to send with --url")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+
+    texts = prompts()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = [("server", None)] if args.url else [resolve_drafter(d, args.target, tmp)
+                                                         for d in args.drafter or ["none", "amphista"]]
+        for label, drafter in settings:
+            proc, url, model = None, args.url, args.model
+            if not args.url:
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                proc = start_server(args.target, drafter, args.tree, port, args.threads)
+            try:
+                wait_healthy(url, proc)
+                model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                asyncio.run(run_level(url, model, 1, 2, args.max_tokens, texts))  # warm-up
+                for c in args.concurrency:
+                    row = asyncio.run(run_level(url, model, c, max(args.requests, c), args.max_tokens, texts))
+                    results.append({"setting": label, **row})
+                    print(json.dumps(results[-1]), flush=True)
+            finally:
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
+
+    print("\n| setting | clients | requests/s | tokens/s | mean tau | p50 latency (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['setting']} | {r['clients']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['mean_tau']} "
+              f"| {r['p50_latency_s']} |")
+    if args.out:
+        meta = {"max_tokens": args.max_tokens, "target": args.target or "bundled stories260K", "tree": args.tree,
+                "cpu_count": os.cpu_count()}
+        Path(args.out).write_text(json.dumps({"config": meta, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
