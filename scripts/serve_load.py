@@ -1,4 +1,4 @@
-"""Load test of `amphista serve`: requests/s and tokens/s at 1, 8 and 32 concurrent clients, vanilla vs drafted.
+"""Load test of `amphista serve`: requests/s and tokens/s at 1, 8 and 32 clients, vanilla vs drafted.
 
     python scripts/serve_load.py                      # bundled model: vanilla vs the bundled Amphista drafter
     python scripts/serve_load.py --drafter none --drafter out/amphista --max-tokens 128 --out load.json
@@ -59,8 +59,20 @@ def resolve_drafter(spec: str, target: str | None, tmp: str) -> tuple[str, str]:
 
 
 def start_server(target: str | None, drafter: str, tree: str | None, port: int, threads: int | None):
-    cmd = [sys.executable, "-m", "amphista.cli", "serve", "--port", str(port), "--drafter", drafter,
-           "--log-level", "warning", "--max-queue", "1024"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "amphista.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--drafter",
+        drafter,
+        "--log-level",
+        "warning",
+        "--max-queue",
+        "1024",
+    ]
     cmd += ["--threads", str(threads)] if threads else []
     cmd += ["--target", target] if target else []
     cmd += ["--tree", tree] if tree else []
@@ -82,7 +94,9 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 180) 
     raise SystemExit(f"the server at {url} did not become healthy in {timeout:.0f} s")
 
 
-async def run_level(url: str, model: str, clients: int, total: int, max_tokens: int, texts: list[str]) -> dict:
+async def run_level(
+    url: str, model: str, clients: int, total: int, max_tokens: int, texts: list[str]
+) -> dict:
     """`clients` concurrent clients share `total` requests; returns throughput and latency figures."""
     todo = iter(range(total))
     latencies: list[float] = []
@@ -91,7 +105,12 @@ async def run_level(url: str, model: str, clients: int, total: int, max_tokens: 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal tokens
         for i in todo:
-            body = {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0}
+            body = {
+                "model": model,
+                "prompt": texts[i % len(texts)],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
             t0 = time.perf_counter()
             r = await http.post("/v1/completions", json=body)
             r.raise_for_status()
@@ -107,9 +126,13 @@ async def run_level(url: str, model: str, clients: int, total: int, max_tokens: 
         wall = time.perf_counter() - t0
     latencies.sort()
     return {
-        "clients": clients, "requests": total, "seconds": round(wall, 3),
-        "requests_per_s": round(total / wall, 3), "tokens_per_s": round(tokens / wall, 1),
-        "mean_tau": round(sum(taus) / len(taus), 3), "p50_latency_s": round(latencies[len(latencies) // 2], 3),
+        "clients": clients,
+        "requests": total,
+        "seconds": round(wall, 3),
+        "requests_per_s": round(total / wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "mean_tau": round(sum(taus) / len(taus), 3),
+        "p50_latency_s": round(latencies[len(latencies) // 2], 3),
         "max_latency_s": round(latencies[-1], 3),
     }
 
@@ -117,8 +140,11 @@ async def run_level(url: str, model: str, clients: int, total: int, max_tokens: 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="model folder (default: the bundled stories260K)")
-    p.add_argument("--drafter", action="append", help="'none', 'amphista', 'medusa' or a folder (repeatable; "
-                   "default: none and amphista)")
+    p.add_argument(
+        "--drafter",
+        action="append",
+        help="'none', 'amphista', 'medusa' or a folder (repeatable; default: none and amphista)",
+    )
     p.add_argument("--tree", default=None)
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (serve --threads)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -132,8 +158,11 @@ def main() -> int:
     texts = prompts()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [("server", None)] if args.url else [resolve_drafter(d, args.target, tmp)
-                                                         for d in args.drafter or ["none", "amphista"]]
+        settings = (
+            [("server", None)]
+            if args.url
+            else [resolve_drafter(d, args.target, tmp) for d in args.drafter or ["none", "amphista"]]
+        )
         for label, drafter in settings:
             proc, url, model = None, args.url, args.model
             if not args.url:
@@ -156,11 +185,18 @@ def main() -> int:
     print("\n| setting | clients | requests/s | tokens/s | mean tau | p50 latency (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['setting']} | {r['clients']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['mean_tau']} "
-              f"| {r['p50_latency_s']} |")
+        cells = [
+            r[k]
+            for k in ("setting", "clients", "requests_per_s", "tokens_per_s", "mean_tau", "p50_latency_s")
+        ]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.out:
-        meta = {"max_tokens": args.max_tokens, "target": args.target or "bundled stories260K", "tree": args.tree,
-                "cpu_count": os.cpu_count()}
+        meta = {
+            "max_tokens": args.max_tokens,
+            "target": args.target or "bundled stories260K",
+            "tree": args.tree,
+            "cpu_count": os.cpu_count(),
+        }
         Path(args.out).write_text(json.dumps({"config": meta, "results": results}, indent=2))
     return 0
 

@@ -42,7 +42,9 @@ def test_multibyte_characters_split_across_tokens_stream_whole(target):
     tok = target.tokenizer
     prompt = encode(tok, "She said:")
     new = tok("日本 héllo ☃ ok — fin.", add_special_tokens=False).input_ids
-    assert sum(tok.convert_ids_to_tokens(i).startswith("<0x") for i in new) >= 6  # really byte-fallback tokens
+    assert (
+        sum(tok.convert_ids_to_tokens(i).startswith("<0x") for i in new) >= 6
+    )  # really byte-fallback tokens
     want = continuation_text(tok, prompt, new)
     assert "日本" in want and "☃" in want
     for sizes in ((1,), (2,), (3, 1, 5), (len(new),)):
@@ -63,13 +65,18 @@ def test_stop_strings_are_held_back_then_cut(target):
         pieces = _stream(tok, prompt, new, [PLAIN_STOP], sizes)
         assert "".join(pieces) == full.split(PLAIN_STOP)[0]
         assert not any("User" in p for p in pieces)
-    assert "".join(_stream(tok, prompt, new, ["zz"])) == full  # a partial match that never completes is released
+    assert (
+        "".join(_stream(tok, prompt, new, ["zz"])) == full
+    )  # a partial match that never completes is released
     assert "".join(_stream(tok, prompt, new, [], lstrip=True)) == full.lstrip()
 
 
 def _vanilla_text(target, prompt_ids, n, stops=None):
-    new = amphista.VanillaDecoder(target).generate(prompt_ids, max_new_tokens=n, temperature=0,
-                                                   stop_strings=stops).new_tokens
+    new = (
+        amphista.VanillaDecoder(target)
+        .generate(prompt_ids, max_new_tokens=n, temperature=0, stop_strings=stops)
+        .new_tokens
+    )
     return continuation_text(target.tokenizer, prompt_ids, new)
 
 
@@ -82,7 +89,13 @@ def drafter_dir(target, tmp_path_factory):
 
 def test_generate_prints_the_vanilla_greedy_text(target, drafter_dir, capsys):
     want = PROMPT + _vanilla_text(target, encode(target.tokenizer, PROMPT), 24) + "\n"
-    for extra in (["--drafter", "none"], ["--drafter", drafter_dir, "--stats"], ["--drafter", "none", "--no-stream"]):
+    for extra in (
+        ["--drafter", "none"],
+        ["--stats"],  # the bundled Amphista drafter, tree built from its head accuracies
+        ["--drafter", "medusa", "--tree", "chain"],
+        ["--drafter", drafter_dir, "--stats"],
+        ["--drafter", "none", "--no-stream"],
+    ):
         assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "24", *extra]) == 0
         out = capsys.readouterr()
         assert out.out == want, extra
@@ -118,8 +131,21 @@ def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(tar
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "AMPHISTA_API_KEY": "env-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "amphista.cli", "serve", "--drafter", "none", "--threads", "1", "--port", str(port),
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "amphista.cli",
+        "serve",
+        "--drafter",
+        "none",
+        "--threads",
+        "1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -130,8 +156,12 @@ def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(tar
             except httpx.TransportError:
                 time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
-        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer env-key"}, timeout=60,
-                       json={"model": "stories260K", "prompt": PROMPT, "max_tokens": 10, "temperature": 0})
+        r = httpx.post(
+            url + "/v1/completions",
+            headers={"Authorization": "Bearer env-key"},
+            timeout=60,
+            json={"model": "stories260K", "prompt": PROMPT, "max_tokens": 10, "temperature": 0},
+        )
         assert r.json()["choices"][0]["text"] == _vanilla_text(target, encode(target.tokenizer, PROMPT), 10)
     finally:
         proc.send_signal(signal.SIGINT)

@@ -1,4 +1,6 @@
-"""The OpenAI-compatible server over real HTTP on loopback: exact text, concurrency, bad input, auth, cancellation."""
+"""The OpenAI-compatible server over real HTTP on loopback.
+
+Exact text, concurrency, bad input, auth, cancellation, errors."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import uvicorn
 import amphista
 from amphista.serve import create_app
 from amphista.serve.chat import PLAIN_STOP, chat_prompt, encode
+from amphista.serve.loading import resolve_tree
 from amphista.serve.textstream import continuation_text
 from amphista.serve.worker import Job
 
@@ -34,7 +37,9 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -65,7 +70,10 @@ def refs(target):
         out[p] = (ids, vanilla.generate(ids, max_new_tokens=N, temperature=0).new_tokens)
     for q in QUESTIONS:
         ids = chat_prompt(tok, [{"role": "user", "content": q}]).ids
-        out[q] = (ids, vanilla.generate(ids, max_new_tokens=N, temperature=0, stop_strings=[PLAIN_STOP]).new_tokens)
+        out[q] = (
+            ids,
+            vanilla.generate(ids, max_new_tokens=N, temperature=0, stop_strings=[PLAIN_STOP]).new_tokens,
+        )
     return out
 
 
@@ -78,8 +86,9 @@ def expected(tok, refs, key, n=N, chat=False):
 
 @pytest.fixture(scope="module")
 def server(target):
-    drafter = amphista.AmphistaDrafter.for_target(target)  # untrained: decoding stays lossless, just slower
-    app = create_app(amphista.SpeculativeDecoder(target, drafter, "mc_sim_7b_63"), api_key=KEY)
+    path = amphista.bundled.default_drafter_path("amphista")
+    drafter = amphista.drafters.load_drafter(path, target)
+    app = create_app(amphista.SpeculativeDecoder(target, drafter, resolve_tree(None, path)), api_key=KEY)
     with Server(app) as url:
         yield url, app
 
@@ -108,10 +117,21 @@ def test_openai_client_completion_and_chat_equal_vanilla_greedy(server, refs, ta
     r = c.chat.completions.create(model=model, messages=msgs, max_tokens=N, temperature=0)
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected(tok, refs, q, chat=True)
-    chunks = list(c.chat.completions.create(model=model, messages=msgs, max_tokens=N, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model=model,
+            messages=msgs,
+            max_tokens=N,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        == r.choices[0].message.content
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
@@ -121,8 +141,9 @@ def test_stop_sequences_are_cut_like_openai(server, refs, target):
     full = expected(target.tokenizer, refs, p)
     stop = full.split()[3]  # a word the greedy text contains
     for stream in (False, True):
-        r = c.completions.create(model="stories260K", prompt=p, max_tokens=N, temperature=0, stop=[stop, "zzz"],
-                                 stream=stream)
+        r = c.completions.create(
+            model="stories260K", prompt=p, max_tokens=N, temperature=0, stop=[stop, "zzz"], stream=stream
+        )
         chunks = list(r) if stream else [r]
         assert "".join(ch.choices[0].text for ch in chunks) == full[: full.index(stop)]
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -130,8 +151,12 @@ def test_stop_sequences_are_cut_like_openai(server, refs, target):
 
 def test_seeded_sampling_is_reproducible(server):
     c = client(server[0])
-    texts = {c.completions.create(model="stories260K", prompt="Once", max_tokens=10, temperature=1.0,
-                                  seed=123).choices[0].text for _ in range(2)}
+    texts = {
+        c.completions.create(model="stories260K", prompt="Once", max_tokens=10, temperature=1.0, seed=123)
+        .choices[0]
+        .text
+        for _ in range(2)
+    }
     assert len(texts) == 1
 
 
@@ -139,6 +164,11 @@ def _body(**kw):
     return json.dumps({"model": "stories260K", "prompt": "Once", "max_tokens": 4, **kw}).encode()
 
 
+def _chat(messages):
+    return json.dumps({"model": "stories260K", "messages": messages}).encode()
+
+
+IMAGE = [{"type": "image_url", "image_url": {"url": "http://x"}}]
 BAD = [  # (path, body, status, param or code)
     ("/v1/completions", b"{not json", 400, "invalid_json"),
     ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
@@ -162,12 +192,10 @@ BAD = [  # (path, body, status, param or code)
     ("/v1/completions", _body(prompt="Once upon a time " * 200), 400, "context_length_exceeded"),
     ("/v1/completions", _body(model="gpt-4"), 404, "model_not_found"),
     ("/v1/completions", b'{"model": "stories260K", "prompt": "' + b"a" * (2 << 20) + b'"}', 413, None),
-    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": []}).encode(), 422, "messages"),
-    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": [{"role": "robot", "content": "x"}]})
-     .encode(), 400, "messages"),
-    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}).encode(), 400, "messages[0].content"),
-    ("/v1/chat/completions", json.dumps({"model": "stories260K", "messages": "hi"}).encode(), 422, "messages"),
+    ("/v1/chat/completions", _chat([]), 422, "messages"),
+    ("/v1/chat/completions", _chat("hi"), 422, "messages"),
+    ("/v1/chat/completions", _chat([{"role": "robot", "content": "x"}]), 400, "messages"),
+    ("/v1/chat/completions", _chat([{"role": "user", "content": IMAGE}]), 400, "messages[0].content"),
 ]
 
 
@@ -191,9 +219,10 @@ def test_bad_input_gets_its_status_and_an_openai_error_body(server):
 def test_api_key_on_every_endpoint_but_health(server):
     url, _ = server
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
-                             ("POST", "/v1/chat/completions"), ("GET", "/nowhere")):
-            r = httpx.request(method, url + path, headers=headers, content=_body())
+        for path in ("/v1/models", "/metrics", "/v1/completions", "/v1/chat/completions", "/nowhere"):
+            r = httpx.request(
+                "GET" if "com" not in path else "POST", url + path, headers=headers, content=_body()
+            )
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(url + "/health").status_code == 200
     with pytest.raises(openai.AuthenticationError):
@@ -240,10 +269,16 @@ def test_32_concurrent_clients_mixed_streaming(server, refs, target):
     assert app.state.worker.depth == 0 and app.state.worker.alive()
     assert httpx.get(url + "/health").json() == {"status": "ok", "queue_depth": 0}
     metrics = httpx.get(url + "/metrics", headers=AUTH).text
-    for name in ("requests_total", "generated_tokens_total", "tokens_per_second", "accept_length_bucket",
-                 "queue_depth"):
+    for name in (
+        "requests_total",
+        "generated_tokens_total",
+        "tokens_per_second",
+        "accept_length_bucket",
+        "queue_depth",
+    ):
         assert f"amphista_{name}" in metrics
     assert 'amphista_requests_total{endpoint="/v1/completions",code="200"}' in metrics
+    assert _metric(url, "amphista_accept_length_sum") > 1.5 * _metric(url, "amphista_accept_length_count")
 
 
 def _metric(url, line_start) -> float:
@@ -261,8 +296,10 @@ def test_disconnected_clients_free_their_slot(server):
             next(r.iter_lines())  # the first event arrived: generation is running; now hang up
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:  # non-streaming, hangs up
         raw = json.dumps({**body, "stream": False}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw
+        )
         time.sleep(0.3)
     deadline = time.time() + 20
     while _metric(url, cancelled) < before + 2 and time.time() < deadline:
@@ -306,5 +343,8 @@ def test_errors_stay_with_their_request_and_a_full_queue_says_503(target, refs):
         assert bad.result().status_code == 500 and "decoder broke" in bad.result().json()["error"]["message"]
         events = [ln[6:] for ln in bad_stream.result().text.splitlines() if ln.startswith("data: ")]
         assert "decoder broke" in json.loads(events[0])["error"]["message"] and events[-1] == "[DONE]"
-        assert post({"prompt": PROMPTS[1]}).json()["choices"][0]["text"] == good.result().json()["choices"][0]["text"]
+        assert (
+            post({"prompt": PROMPTS[1]}).json()["choices"][0]["text"]
+            == good.result().json()["choices"][0]["text"]
+        )
         assert httpx.get(url + "/health").status_code == 200

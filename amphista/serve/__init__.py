@@ -1,4 +1,4 @@
-"""Serving: `amphista generate` (streaming text in the terminal) and `amphista serve` (OpenAI-compatible HTTP).
+"""Serving: `amphista generate` (streaming text in the terminal), `amphista serve` (OpenAI-compatible HTTP).
 
 `create_app` is imported lazily so that the CLI works without the optional `serve` extra (fastapi, uvicorn).
 """

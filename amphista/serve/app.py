@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -20,6 +19,7 @@ from ..generation import Decoder
 from ..target import TargetModel
 from ..vanilla import VanillaDecoder
 from .chat import chat_prompt, encode
+from .gate import Gate
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, parse
 from .responses import DONE, Shapes, sse
@@ -40,41 +40,17 @@ def default_model_name(decoder: Decoder) -> str:
     return Path(decoder.target.name_or_path.rstrip("/")).name or decoder.target.architecture
 
 
-class Gate:
-    """ASGI middleware: the API key on every endpoint but /health, and request counts by status code."""
-
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if self.expected and scope["path"] != "/health" and not self._authorized(scope):
-                err = APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
-                await JSONResponse(err.body(), 401)(scope, receive, send_counted)
-                return
-            await self.app(scope, receive, send_counted)
-        finally:
-            self.metrics.request(scope["path"], status[0])
-
-    def _authorized(self, scope) -> bool:
-        got = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(got, self.expected)
-
-
-def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_name: str | None = None,
-               api_key: str | None = None, max_body_bytes: int = 1 << 20, max_tokens_limit: int | None = None,
-               max_queue: int = 256) -> FastAPI:
+def create_app(
+    decoder_or_target,
+    drafter=None,
+    *,
+    tree="mc_sim_7b_63",
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    max_tokens_limit: int | None = None,
+    max_queue: int = 256,
+) -> FastAPI:
     """An app serving one model. `decoder_or_target`: a VanillaDecoder/SpeculativeDecoder, or a target
     (TargetModel, model directory, transformers model) decoded with `drafter` (None: vanilla decoding)."""
     decoder = build_decoder(decoder_or_target, drafter, tree)
@@ -98,7 +74,12 @@ def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_na
             worker.stop()
 
     app = FastAPI(title="amphista", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.worker, app.state.metrics, app.state.decoder, app.state.model_name = worker, metrics, decoder, name
+    app.state.worker, app.state.metrics, app.state.decoder, app.state.model_name = (
+        worker,
+        metrics,
+        decoder,
+        name,
+    )
     app.add_middleware(Gate, api_key=api_key, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -112,7 +93,9 @@ def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_na
 
     @app.exception_handler(Exception)
     async def server_error(request, exc):
-        body = APIError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")
+        body = APIError(
+            500, f"internal error ({type(exc).__name__}); see the server log", type="server_error"
+        )
         return JSONResponse(body.body(), 500)
 
     def model_card() -> dict:
@@ -121,8 +104,9 @@ def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_na
     @app.get("/health")
     async def health():
         ok = worker.alive()
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "queue_depth": worker.depth},
-                            200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "worker stopped", "queue_depth": worker.depth}, 200 if ok else 503
+        )
 
     @app.get("/metrics")
     async def prometheus():
@@ -135,8 +119,12 @@ def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_na
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != name:
-            raise APIError(404, f"model {model_id!r} does not exist; this server serves {name!r}", "model",
-                           "model_not_found")
+            raise APIError(
+                404,
+                f"model {model_id!r} does not exist; this server serves {name!r}",
+                "model",
+                "model_not_found",
+            )
         return model_card()
 
     async def read_body(request: Request) -> bytes:
@@ -150,25 +138,46 @@ def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_na
                 raise APIError(413, f"the request body exceeds the limit of {max_body_bytes} bytes")
         return bytes(body)
 
-    def generation_args(req, prompt: list[int], stops: list[str], requested: int | None, default: int) -> dict:
+    def generation_args(
+        req, prompt: list[int], stops: list[str], requested: int | None, default: int
+    ) -> dict:
         if requested is not None and requested > token_limit:
-            raise APIError(400, f"max_tokens={requested} is over this server's limit of {token_limit}", "max_tokens")
+            raise APIError(
+                400, f"max_tokens={requested} is over this server's limit of {token_limit}", "max_tokens"
+            )
         if context and len(prompt) >= context:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens but the model's context window is {context}: "
-                           "shorten the prompt", "messages" if isinstance(req, ChatRequest) else "prompt",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt)} tokens but the model's context window is {context}: "
+                "shorten the prompt",
+                "messages" if isinstance(req, ChatRequest) else "prompt",
+                "context_length_exceeded",
+            )
         bad = next((t for t in prompt if not 0 <= t < decoder.target.vocab_size), None)
         if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{decoder.target.vocab_size - 1})",
-                           "prompt")
-        return dict(max_new_tokens=requested or default, temperature=req.temperature, top_p=req.top_p,
-                    top_k=req.top_k, stop_strings=stops or None, seed=req.seed)
+            raise APIError(
+                400,
+                f"token id {bad} is outside the vocabulary (0..{decoder.target.vocab_size - 1})",
+                "prompt",
+            )
+        return dict(
+            max_new_tokens=requested or default,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            stop_strings=stops or None,
+            seed=req.seed,
+        )
 
     async def handle(request: Request, chat: bool):
         req = parse(ChatRequest if chat else CompletionRequest, await read_body(request))
         if req.model != name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {name!r}", "model",
-                           "model_not_found")
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {name!r}",
+                "model",
+                "model_not_found",
+            )
         req.check_supported()
         stops = req.stop_list()
         echo = ""
@@ -186,16 +195,22 @@ def create_app(decoder_or_target, drafter=None, *, tree="mc_sim_7b_63", model_na
             if req.echo:
                 echo = p if isinstance(p, str) else tokenizer.decode(prompt, skip_special_tokens=True)
         kwargs = generation_args(req, prompt, stops, requested, default)
-        job = Job(prompt, kwargs, TextStream(tokenizer, prompt, stops, lstrip=chat), asyncio.get_running_loop())
+        job = Job(
+            prompt, kwargs, TextStream(tokenizer, prompt, stops, lstrip=chat), asyncio.get_running_loop()
+        )
         try:
             worker.submit(job)
         except QueueFull as e:
-            raise APIError(503, f"the server is busy ({e}); retry later", type="server_error",
-                           code="queue_full") from None
+            raise APIError(
+                503, f"the server is busy ({e}); retry later", type="server_error", code="queue_full"
+            ) from None
         shapes = Shapes(chat, name)
         if req.stream:
-            return StreamingResponse(stream(job, shapes, echo, req.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream(job, shapes, echo, req.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await collect(request, job, shapes, echo)
 
     async def stream(job: Job, shapes: Shapes, echo: str, include_usage: bool):

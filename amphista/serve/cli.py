@@ -13,13 +13,28 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", metavar="DIR", help="Hugging Face model folder (default: the bundled stories260K)")
-    p.add_argument("--drafter", metavar="DIR",
-                   help="drafter folder, 'amphista' / 'medusa' (bundled), or 'none' for vanilla decoding "
-                        "(default: the bundled Amphista drafter with the bundled model, else none)")
-    p.add_argument("--tree", default=None, help="token tree: a name (mc_sim_7b_63, chain) or a JSON file")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)")
+    p.add_argument(
+        "--target", metavar="DIR", help="Hugging Face model folder (default: the bundled stories260K)"
+    )
+    p.add_argument(
+        "--drafter",
+        metavar="DIR",
+        help="drafter folder, 'amphista' / 'medusa' (bundled), or 'none' for vanilla decoding "
+        "(default: the bundled Amphista drafter with the bundled model, else none)",
+    )
+    p.add_argument(
+        "--tree",
+        default=None,
+        help="token tree: 'auto' (built from the drafter's head_accuracy.json; the default when it exists), "
+        "a name (mc_sim_7b_63, chain) or a JSON file",
+    )
+    p.add_argument("--tree-nodes", type=int, default=16, help="size of 'auto' trees, root included")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)",
+    )
 
 
 def _set_threads(args) -> None:
@@ -32,12 +47,17 @@ def _set_threads(args) -> None:
 
 
 def add_parser(subparsers) -> None:
-    g = subparsers.add_parser("generate", help="generate text in the terminal, streamed as tokens commit",
-                              description="Complete a prompt (--prompt, or stdin) or chat interactively (--chat).")
+    g = subparsers.add_parser(
+        "generate",
+        help="generate text in the terminal, streamed as tokens commit",
+        description="Complete a prompt (--prompt, or stdin) or chat interactively (--chat).",
+    )
     _model_args(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: read from stdin)")
-    src.add_argument("--chat", action="store_true", help="interactive multi-turn chat using the chat template")
+    src.add_argument(
+        "--chat", action="store_true", help="interactive multi-turn chat using the chat template"
+    )
     g.add_argument("--system", help="system prompt for --chat")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -45,21 +65,37 @@ def add_parser(subparsers) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
-    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                   help="print text as tokens are committed (default) or all at the end")
+    g.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print text as tokens are committed (default) or all at the end",
+    )
     g.add_argument("--stats", action="store_true", help="print tokens, tokens/s and tau to stderr at the end")
     g.set_defaults(func=run_generate)
 
-    s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
-                              description="Serve one model over HTTP; see docs/serving.md.")
+    s = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+        description="Serve one model over HTTP; see docs/serving.md.",
+    )
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV})")
-    s.add_argument("--model-name", default=None, help="the model id clients send (default: the target folder name)")
-    s.add_argument("--max-tokens-limit", type=int, default=None,
-                   help="largest max_tokens a request may ask for (default: the context window)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (default: ${API_KEY_ENV})",
+    )
+    s.add_argument(
+        "--model-name", default=None, help="the model id clients send (default: the target folder name)"
+    )
+    s.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask for (default: the context window)",
+    )
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get HTTP 503")
     s.add_argument("--log-level", default="info")
@@ -81,7 +117,7 @@ def run_generate(args) -> int:
 
     _check_generate_args(args)
     _set_threads(args)
-    decoder = load_decoder(args.target, args.drafter, args.tree)
+    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes)
     return chat(decoder, args) if args.chat else complete(decoder, args)
 
 
@@ -96,13 +132,25 @@ def run_serve(args) -> int:
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.host not in LOOPBACK and not api_key:
-        print(f"amphista serve: warning: listening on {args.host} without an API key; anyone who can reach "
-              f"this port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+        print(
+            f"amphista serve: warning: listening on {args.host} without an API key; anyone who can reach "
+            f"this port can use the model (set --api-key or ${API_KEY_ENV})",
+            file=sys.stderr,
+        )
     _set_threads(args)
-    decoder = load_decoder(args.target, args.drafter, args.tree)
-    app = create_app(decoder, model_name=args.model_name, api_key=api_key, max_body_bytes=args.max_body_bytes,
-                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
-    print(f"amphista serve: model {app.state.model_name!r} with "
-          f"{type(decoder).__name__} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes)
+    app = create_app(
+        decoder,
+        model_name=args.model_name,
+        api_key=api_key,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        max_queue=args.max_queue,
+    )
+    print(
+        f"amphista serve: model {app.state.model_name!r} with "
+        f"{type(decoder).__name__} on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -67,17 +67,22 @@ class Metrics:
             ]
             for reason in ("stop", "length", "cancelled", "error"):
                 lines.append(f'amphista_generations_total{{reason="{reason}"}} {self.finished[reason]}')
-            lines += _scalar("prompt_tokens_total", "counter", "Prompt tokens of started generations.",
-                             self.prompt_tokens)
-            lines += _scalar("generated_tokens_total", "counter", "Tokens generated (committed).",
-                             self.generated_tokens)
-            lines += _scalar("tokens_per_second", "gauge",
-                             "Decode speed of the latest 64 generations (tokens / wall second).",
-                             round(self.tokens_per_second(), 3))
+            lines += _scalar(
+                "prompt_tokens_total", "counter", "Prompt tokens of started generations.", self.prompt_tokens
+            )
+            lines += _scalar(
+                "generated_tokens_total", "counter", "Tokens generated (committed).", self.generated_tokens
+            )
+            lines += _scalar(
+                "tokens_per_second",
+                "gauge",
+                "Decode speed of the latest 64 generations (tokens / wall second).",
+                round(self.tokens_per_second(), 3),
+            )
             lines += _scalar("queue_depth", "gauge", "Requests waiting for the decoder.", self.queue_depth())
             lines += _scalar("active_generations", "gauge", "Generations running now (0 or 1).", self.active)
             lines += [
-                "# HELP amphista_accept_length Tokens committed per target forward (tau), bonus token included.",
+                "# HELP amphista_accept_length Tokens committed per target forward (tau), bonus included.",
                 "# TYPE amphista_accept_length histogram",
             ]
             cumulative = self.accept[0]

@@ -17,8 +17,14 @@ MAX_STOP_CHARS = 256
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -63,7 +69,9 @@ class _Sampling(_Strict):
             raise APIError(400, f"n={self.n} is not supported: send n=1 and repeat the request", "n")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
-                raise APIError(400, f"{name} is not supported (lossless decoding samples the model as is)", name)
+                raise APIError(
+                    400, f"{name} is not supported (lossless decoding samples the model as is)", name
+                )
         for name in ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "suffix"):
             if (self.model_extra or {}).get(name) not in (None, False, {}, []):
                 raise APIError(400, f"{name} is not supported by this server", name)
@@ -81,8 +89,9 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise APIError(400, f"{len(p)} prompts in one request are not supported: send one per request",
-                               "prompt")
+                raise APIError(
+                    400, f"{len(p)} prompts in one request are not supported: send one per request", "prompt"
+                )
             p = p[0]
         if isinstance(p, list) and not p:
             raise APIError(400, "the prompt is empty", "prompt")
@@ -104,8 +113,11 @@ class Message(_Strict):
             return self.content or ""
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise APIError(400, f"content part of type {part.type!r} is not supported: this model reads text",
-                               f"messages[{index}].content")
+                raise APIError(
+                    400,
+                    f"content part of type {part.type!r} is not supported: this model reads text",
+                    f"messages[{index}].content",
+                )
         return "".join(part.text for part in self.content)
 
 

@@ -39,12 +39,22 @@ class Shapes:
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
 
     def full(self, text: str, result: Result) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": result.finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
             body = self._envelope("chat.completion", [choice])
         else:
             choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": result.finish_reason}

@@ -23,12 +23,15 @@ class Reply:
     def stats(self) -> str:
         tau = self.tokens / max(self.steps, 1)
         speed = self.tokens / self.seconds if self.seconds else 0.0
-        return (f"[{self.tokens} tokens in {self.seconds:.2f} s: {speed:.1f} tokens/s, tau {tau:.2f}, "
-                f"finish {self.finish_reason}]")
+        return (
+            f"[{self.tokens} tokens in {self.seconds:.2f} s: {speed:.1f} tokens/s, tau {tau:.2f}, "
+            f"finish {self.finish_reason}]"
+        )
 
 
-def run_stream(decoder: Decoder, prompt: list[int], stops: list[str], write=None, lstrip: bool = False,
-               **kwargs) -> Reply:
+def run_stream(
+    decoder: Decoder, prompt: list[int], stops: list[str], write=None, lstrip: bool = False, **kwargs
+) -> Reply:
     """Decode `prompt`, calling write(text) with each piece of text as soon as it is safe to show."""
     text = TextStream(decoder.tokenizer, prompt, stops, lstrip=lstrip)
     pieces: list[str] = []
@@ -69,8 +72,13 @@ def _writer(stream: bool):
 
 
 def sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
 
 
 def complete(decoder: Decoder, args) -> int:
@@ -111,8 +119,14 @@ def chat(decoder: Decoder, args) -> int:
         sys.stdout.write("Assistant: ")
         sys.stdout.flush()
         try:
-            reply = run_stream(decoder, rendered.ids, list(args.stop or []) + rendered.stop, _writer(args.stream),
-                               lstrip=True, **sampling_kwargs(args))
+            reply = run_stream(
+                decoder,
+                rendered.ids,
+                list(args.stop or []) + rendered.stop,
+                _writer(args.stream),
+                lstrip=True,
+                **sampling_kwargs(args),
+            )
         except InputError as e:  # the conversation outgrew the context window
             print(f"\n({e}; starting a new conversation)", file=sys.stderr)
             messages = list(base)

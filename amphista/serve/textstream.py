@@ -12,6 +12,8 @@ full text shows it, minus any stop string (OpenAI semantics: the stop sequence i
 
 from __future__ import annotations
 
+import os
+
 REPLACEMENT = "\ufffd"
 # Prompt tokens kept as left context, so the first new token decodes as it does after the prompt.
 CONTEXT_TOKENS = 4
@@ -60,7 +62,9 @@ class TextStream:
         shown = self._decode(self.ids[self.prefix : self.read])
         full = self._decode(self.ids[self.prefix :])
         self.read = len(self.ids)
-        return self._add(full[len(shown) :] if full.startswith(shown) else "", final=True)
+        # A decode that is not prefix-stable (rare tokenizers): emit what follows the common prefix.
+        common = len(os.path.commonprefix([shown, full]))
+        return self._add(full[common:], final=True)
 
     def _add(self, delta: str, final: bool) -> str:
         if self.lstrip and not self.text:

@@ -34,7 +34,9 @@ class Job:
     kwargs: dict  # Decoder.stream keyword arguments (max_new_tokens, temperature, ...)
     text: TextStream
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", str) | ("done", Result) | ("error", exc)
+    events: asyncio.Queue = field(
+        default_factory=asyncio.Queue
+    )  # ("text", str) | ("done", Result) | ("error", exc)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, kind: str, payload) -> None:
