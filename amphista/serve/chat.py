@@ -64,4 +64,6 @@ def chat_prompt(tokenizer, messages: list[dict]) -> ChatPrompt:
 
 def encode(tokenizer, text: str) -> list[int]:
     """Text -> ids with the tokenizer's own special tokens (BOS for Llama-style models)."""
+    # No truncation or padding arguments: a fast tokenizer then only reads its Rust state, so HTTP handlers
+    # may encode while the worker thread decodes (changing those settings would race: "Already borrowed").
     return list(tokenizer(text).input_ids)
