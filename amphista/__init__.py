@@ -1,6 +1,9 @@
 """amphista: lossless speculative decoding with bi-directional multi-head drafters."""
 
-from . import training  # noqa: F401  (amphista.training.train(TrainConfig(...)) after `import amphista`)
+from . import (
+    bench,  # noqa: F401  (amphista.bench.run_benchmark(BenchConfig(...)) after `import amphista`)
+    training,  # noqa: F401  (amphista.training.train(TrainConfig(...)) after `import amphista`)
+)
 from .bundled import load_default_drafter, load_default_target
 from .decoder import SpeculativeDecoder
 from .drafters import AmphistaConfig, AmphistaDrafter, Drafter, MedusaConfig, MedusaDrafter, load_drafter
