@@ -68,12 +68,14 @@ def test_malformed_records_counted_with_line_numbers(tmp_path):
             {"messages": [{"role": "user", "content": "only a question"}]},  # 5 no assistant turn
             {"foo": 1},  # 6 no known field
             good,  # 7
+            {"input_ids": [1, 5, 99999]},  # 8 outside the vocabulary
+            {"input_ids": [1, 300, 301, 302]},  # 9 pre-tokenized
         ],
     )
     examples, (report,) = load_examples([path], tokenizer(), seq_len=64)
-    assert len(examples) == 2
-    assert [n for n, _ in report.malformed] == [2, 3, 5, 6]
-    assert "line 2" in report.summary() and "4 malformed" in report.summary()
+    assert len(examples) == 3 and examples[-1].input_ids == [1, 300, 301, 302]
+    assert [n for n, _ in report.malformed] == [2, 3, 5, 6, 8]
+    assert "line 2" in report.summary() and "5 malformed" in report.summary()
     bad = _lines(tmp_path / "bad.jsonl", ["{oops", {"x": 1}])
     with pytest.raises(InputError, match="no usable record"):
         load_examples([bad], tokenizer(), seq_len=64)

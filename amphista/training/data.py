@@ -5,6 +5,7 @@ Accepted records (JSONL, one per line, or a JSON array; plain-text files are one
   messages  {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}
   Alpaca    {"instruction": ..., "input": ..., "output": ...}   ("response" is read as "output")
   text      {"text": ...}
+  tokens    {"input_ids": [...]}   (pre-tokenized for this target's tokenizer; trained like text)
 Chat records train on assistant tokens only; text records on every token. Malformed records are
 counted, reported with their line numbers and skipped.
 """
@@ -105,8 +106,8 @@ def _json_array(path: str, text: str):
         yield line, record
 
 
-def normalize(record) -> list[dict] | str:
-    """A record -> a list of {"role", "content"} messages, or a plain text. Raises ValueError why not."""
+def normalize(record) -> list[dict] | str | list[int]:
+    """A record -> a list of {"role", "content"} messages, a plain text, or token ids. Raises ValueError."""
     if isinstance(record, json.JSONDecodeError):
         raise ValueError(f"invalid JSON: {record.msg}")
     if not isinstance(record, dict):
@@ -129,6 +130,11 @@ def normalize(record) -> list[dict] | str:
         messages.append({"role": "assistant", "content": output})
         if isinstance(record.get("system"), str) and record["system"]:
             messages.insert(0, {"role": "system", "content": record["system"]})
+    elif "input_ids" in record:  # pre-tokenized: exact token sequences (no decode/encode round trip)
+        ids = record["input_ids"]
+        if not isinstance(ids, list) or not ids or not all(type(i) is int and i >= 0 for i in ids):
+            raise ValueError("'input_ids' must be a non-empty list of token ids")
+        return ids
     elif "text" in record:
         if not isinstance(record["text"], str) or not record["text"].strip():
             raise ValueError("'text' is empty or not a string")
@@ -202,8 +208,8 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> Example:
     return Example(ids, mask)
 
 
-def tokenize_text(tokenizer, text: str, seq_len: int) -> list[Example]:
-    ids = tokenizer(text)["input_ids"]
+def windows(ids: list[int], seq_len: int) -> list[Example]:
+    """A long token sequence cut into seq_len windows, every token a label."""
     return [Example(ids[i : i + seq_len], [1] * len(ids[i : i + seq_len])) for i in range(0, len(ids), seq_len)]
 
 
@@ -224,7 +230,11 @@ def load_examples(paths: list[str], tokenizer, seq_len: int) -> tuple[list[Examp
             try:
                 item = normalize(record)
                 if isinstance(item, str):
-                    new = tokenize_text(tokenizer, item, seq_len)
+                    new = windows(tokenizer(item)["input_ids"], seq_len)
+                elif isinstance(item[0], int):
+                    if max(item) >= len(tokenizer):
+                        raise ValueError(f"token id {max(item)} is outside the vocabulary of {len(tokenizer)}")
+                    new = windows(item, seq_len)
                 else:
                     ex = tokenize_chat(tokenizer, item)
                     new = [Example(ex.input_ids[:seq_len], ex.loss_mask[:seq_len])]
