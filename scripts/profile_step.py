@@ -45,7 +45,7 @@ def main():
     tokens = torch.randint(3, target.vocab_size, (1, n))
     fwd = []
     with torch.inference_mode():
-        for i in range(len(steps)):
+        for _ in range(len(steps)):
             start = cache.length
             t = time.perf_counter()
             target.forward(tokens, position_ids=(start + buf.depth)[None], attention_mask=mask(start), cache=cache)
