@@ -28,15 +28,7 @@ class AmphistaDrafter(HeadDrafter):
         self.sal = StagedAdaptation(c) if c.use_sal else None
         self.resblocks = ResBlocks(c.num_heads, c.hidden_size, c.resblock_layers)
         self.aeb = AutoEmbeddingBlock(c) if c.aeb_layers > 0 else None
-        self.vocab = VocabProjection(
-            c.num_heads,
-            c.hidden_size,
-            c.vocab_size,
-            c.shared_lm_head,
-            c.head_norm,
-            c.head_bias,
-            c.rms_norm_eps,
-        )
+        self.vocab = VocabProjection.from_config(c)
         # split variant: (stage, number of heads) runs, near heads first; None when all heads read one output.
         # Plain ints, not an index tensor: nothing to move between devices or out of inference mode.
         stages = c.head_stages() if c.use_sal and c.sal_variant == "split" else None

@@ -51,6 +51,11 @@ class VocabProjection(nn.Module):
         self.weight = None if shared else nn.Parameter(torch.zeros(num_heads, vocab_size, width))
         self.bias = nn.Parameter(torch.zeros(num_heads, vocab_size)) if head_bias and not shared else None
 
+    @classmethod
+    def from_config(cls, c) -> VocabProjection:
+        """From a MedusaConfig or AmphistaConfig (both carry the same head fields)."""
+        return cls(c.num_heads, c.hidden_size, c.vocab_size, c.shared_lm_head, c.head_norm, c.head_bias, c.rms_norm_eps)
+
     @torch.no_grad()
     def init_from(self, lm_head: nn.Module) -> None:
         if self.shared:

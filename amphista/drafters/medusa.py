@@ -17,15 +17,7 @@ class MedusaDrafter(HeadDrafter):
         super().__init__(config)
         c = config
         self.resblocks = ResBlocks(c.num_heads, c.hidden_size, c.num_layers)
-        self.vocab = VocabProjection(
-            c.num_heads,
-            c.hidden_size,
-            c.vocab_size,
-            c.shared_lm_head,
-            c.head_norm,
-            c.head_bias,
-            c.rms_norm_eps,
-        )
+        self.vocab = VocabProjection.from_config(c)
 
     def features(self, hidden, next_tokens=None, position_ids=None) -> torch.Tensor:
         """(B, T, d) -> (B, T, K, d); Medusa reads neither the sampled token nor positions."""
