@@ -146,7 +146,7 @@ class SpeculativeDecoder(Decoder):
                 nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.generator)
             else:
                 nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.generator)
-            cache.commit(start, idx, len(nodes))
+            cache.commit(start, idx, nodes)
             new = tokens[idx[1:]].tolist() + [bonus]
             emitted, reason = request.stop(generated, new)
             if reason is not None:  # drop what was accepted past the stop: the cache holds what was emitted

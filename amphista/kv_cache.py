@@ -76,12 +76,14 @@ class TreeCache(Cache):
     def length(self) -> int:
         return self.layers[0].length
 
-    def commit(self, start: int, keep: torch.Tensor, n_keep: int) -> None:
-        """After a tree forward that wrote nodes at start.., keep only `keep` (node indices, ascending).
+    def commit(self, start: int, keep: torch.Tensor, nodes: list[int]) -> None:
+        """After a tree forward that wrote nodes at start.., keep only the accepted `nodes` (ascending;
+        `keep` is the same indices as a tensor on the cache's device).
 
-        When the accepted nodes already sit at start .. start + n_keep - 1 (a top-1 chain), no copy is made.
+        When the accepted nodes already sit at start .. start + n - 1 (a top-1 chain), no copy is made.
         """
-        contiguous = bool(keep[-1].item() == n_keep - 1) if n_keep > 0 else True
+        n_keep = len(nodes)
+        contiguous = n_keep == 0 or nodes[-1] == n_keep - 1
         for layer in self.layers:
             layer.compact(start, None if contiguous else keep, n_keep)
 

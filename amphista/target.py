@@ -42,13 +42,8 @@ class TargetModel:
     """A frozen causal LM plus what the decoder needs to know about it."""
 
     def __init__(self, model: nn.Module, tokenizer=None):
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl not in TREE_ATTENTION:
-            if impl is not None and "flash" in str(impl):
-                # Switching the implementation on a loaded model is supported by transformers >= 5.
-                model.set_attn_implementation("sdpa")
-            else:
-                model.set_attn_implementation("sdpa")
+        if getattr(model.config, "_attn_implementation", None) not in TREE_ATTENTION:
+            model.set_attn_implementation("sdpa")  # e.g. flash-attention, which cannot take a tree mask
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -22,13 +22,14 @@ def _longest_path(ok: torch.Tensor, buf: TreeBuffers, score: torch.Tensor | None
     """ok (N,) bool per node (root True) -> (accepted node indices as a list, tensor)."""
     path_ok = ok[buf.retrieve] & buf.valid  # (P, D+1)
     lengths = path_ok.long().cumprod(1).sum(1)  # (P,)
+    rank = lengths
     if score is not None:
         # Among the longest paths prefer the one the target likes most (Medusa's tie-break).
         steps = torch.arange(buf.retrieve.shape[1], device=ok.device)
         in_path = steps[None, :] < lengths[:, None]
-        lengths = lengths * 1e6 + (score[buf.retrieve] * in_path).sum(1)
-    best = int(lengths.argmax())
-    n = int(path_ok[best].long().cumprod(0).sum())
+        rank = lengths * 1e6 + (score[buf.retrieve] * in_path).sum(1)
+    best = rank.argmax()
+    n = int(lengths[best])
     idx = buf.retrieve[best, :n]
     return idx.tolist(), idx
 

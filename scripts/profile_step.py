@@ -50,7 +50,7 @@ def main():
             t = time.perf_counter()
             target.forward(tokens, position_ids=(start + buf.depth)[None], attention_mask=mask(start), cache=cache)
             fwd.append(time.perf_counter() - t)
-            cache.commit(start, torch.arange(2), 2)
+            cache.commit(start, torch.arange(2), [0, 1])
     one = []
     cache.truncate(len(prompt))
     with torch.inference_mode():
