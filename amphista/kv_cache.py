@@ -14,19 +14,26 @@ from transformers.cache_utils import Cache, DynamicLayer
 class TreeKVLayer(DynamicLayer):
     """One layer's buffers. `length` entries are committed; `update` appends after them."""
 
-    def __init__(self, max_len: int):
+    def __init__(self, max_len: int, storage: _JointStorage | None = None):
         super().__init__()
         self.max_len = max_len
         self.length = 0
+        self.storage = storage
+        self.joint = False  # True when key_buf/value_buf are views into the cache's one joint buffer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, dk = key_states.shape
         dv = value_states.shape[-1]
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.key_buf = torch.zeros(b, h, self.max_len, dk, dtype=key_states.dtype, device=key_states.device)
-        self.value_buf = torch.zeros(
-            b, h, self.max_len, dv, dtype=value_states.dtype, device=value_states.device
-        )
+        views = self.storage.claim(self, key_states, value_states) if self.storage is not None else None
+        if views is not None:
+            self.key_buf, self.value_buf = views
+            self.joint = True
+        else:
+            self.key_buf = torch.zeros(b, h, self.max_len, dk, dtype=key_states.dtype, device=key_states.device)
+            self.value_buf = torch.zeros(
+                b, h, self.max_len, dv, dtype=value_states.dtype, device=value_states.device
+            )
         self.keys, self.values = self.key_buf[:, :, :0], self.value_buf[:, :, :0]
         self.is_initialized = True
 
@@ -65,11 +72,39 @@ class TreeKVLayer(DynamicLayer):
         self.set_length(0)
 
 
+class _JointStorage:
+    """One (layers, 2, B, H, max_len, D) buffer behind every layer whose keys and values share a shape,
+    so that compacting the accepted path is one gather and one copy for the whole model instead of two
+    per layer: at small model sizes the per-op cost, not the bytes, is what a step pays for."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.num_layers, self.max_len = num_layers, max_len
+        self.buf: torch.Tensor | None = None
+        self.slots = 0
+
+    def claim(self, layer: TreeKVLayer, key_states: torch.Tensor, value_states: torch.Tensor):
+        b, h, _, dk = key_states.shape
+        if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype:
+            return None
+        if self.buf is None:
+            self.buf = torch.zeros(
+                self.num_layers, 2, b, h, self.max_len, dk, dtype=key_states.dtype, device=key_states.device
+            )
+        elif self.buf.shape[2:4] + self.buf.shape[5:] != (b, h, dk) or self.buf.dtype != key_states.dtype:
+            return None  # layers of different shapes (rare) keep their own buffers
+        if self.slots == self.num_layers:
+            return None
+        slot = self.buf[self.slots]
+        self.slots += 1
+        return slot[0], slot[1]
+
+
 class TreeCache(Cache):
     """The target's KV cache for one sequence of at most `max_len` positions (prompt + new + tree)."""
 
     def __init__(self, num_layers: int, max_len: int):
-        super().__init__(layers=[TreeKVLayer(max_len) for _ in range(num_layers)])
+        self.storage = _JointStorage(num_layers, max_len)
+        super().__init__(layers=[TreeKVLayer(max_len, self.storage) for _ in range(num_layers)])
         self.max_len = max_len
 
     @property
@@ -84,6 +119,10 @@ class TreeCache(Cache):
         """
         n_keep = len(nodes)
         contiguous = n_keep == 0 or nodes[-1] == n_keep - 1
+        joint = self.storage.buf
+        if not contiguous and joint is not None and all(layer.joint for layer in self.layers):
+            joint[..., start : start + n_keep, :] = joint.index_select(4, keep + start)
+            contiguous = True  # moved already: the layers only need their new length
         for layer in self.layers:
             layer.compact(start, None if contiguous else keep, n_keep)
 

@@ -87,3 +87,31 @@ def test_cache_is_sized_by_the_request_not_the_context(llama):
     cache = dec._new_cache(req)
     assert cache.max_len == 3 + 10 + 64
     assert llama.config.max_position_embeddings == 256
+
+
+@pytest.mark.parametrize("heads", [(2, 2, 2), (2, 4, 2)])
+def test_commit_moves_the_accepted_rows_in_every_layer(heads):
+    """Equal layers share one buffer and are compacted in one gather; a layer of another shape keeps its
+    own buffer and is compacted on its own. Either way each layer ends up holding exactly the kept rows."""
+    g = torch.Generator().manual_seed(0)
+    cache = TreeCache(len(heads), 20)
+    written = []
+    for i, h in enumerate(heads):
+        k, v = torch.randn(1, h, 14, 4, generator=g), torch.randn(1, h, 14, 4, generator=g)
+        cache.layers[i].update(k, v)
+        written.append((k, v))
+    same = [h == heads[0] for h in heads]
+    assert [layer.joint for layer in cache.layers] == same
+    assert cache.storage.slots == sum(same)
+    nodes = [0, 2, 5, 9]  # accepted tree nodes, relative to start 3
+    cache.commit(3, torch.tensor(nodes), nodes)
+    src = [0, 1, 2] + [3 + n for n in nodes]
+    for layer, (k, v) in zip(cache.layers, written):
+        assert layer.length == 7
+        torch.testing.assert_close(layer.keys, k[:, :, src], atol=0, rtol=0)
+        torch.testing.assert_close(layer.values, v[:, :, src], atol=0, rtol=0)
+    # A top-1 chain is already in place: nothing moves, only the length changes.
+    before = cache.layers[0].keys.clone()
+    cache.commit(5, torch.tensor([0, 1]), [0, 1])
+    assert cache.length == 7
+    torch.testing.assert_close(cache.layers[0].keys, before[:, :, :7], atol=0, rtol=0)

@@ -72,20 +72,18 @@ class Attention(nn.Module):
         """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the buffer at cache_pos.. and the queries
         attend to everything up to there (mask then orders the new positions among themselves)."""
         B, T, _ = x.shape
-        qkv = (
-            self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # (3, B, H, T, hd)
+        # F.linear on the weights, not the submodules' __call__: a draft runs a few dozen of these and at
+        # this size the module-call overhead is a measurable part of its cost.
+        qkv = F.linear(x, self.qkv.weight).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
-            qkv = rotate(qkv, cos, sin)
-        kv = qkv[1:]  # (2, B, H, T, hd)
+            qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
+        q, k, v = qkv
         if cache_pos is not None:
             end = cache_pos + T
-            self.kv_cache[:, :, :, cache_pos:end] = kv
-            kv = self.kv_cache[:, :, :, :end]
-        y = F.scaled_dot_product_attention(
-            qkv[0], kv[0], kv[1], attn_mask=mask, is_causal=causal
-        )  # (B,H,T,hd)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.width))
+            self.kv_cache[:, :, :, cache_pos:end] = qkv[1:]
+            k, v = self.kv_cache[:, :, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        return F.linear(y.transpose(1, 2).reshape(B, T, self.width), self.o.weight)
 
 
 class SwiGLU(nn.Module):
@@ -96,8 +94,8 @@ class SwiGLU(nn.Module):
         self.down = normal_(nn.Linear(ffn, width, bias=False))
 
     def forward(self, x):
-        gate, up = self.gate_up(x).split(self.ffn, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate, up = F.linear(x, self.gate_up.weight).split(self.ffn, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -115,5 +113,6 @@ class DecoderLayer(nn.Module):
             zero_(self.mlp.down)
 
     def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, cache_pos)
-        return x + self.mlp(self.mlp_norm(x))
+        an, mn = self.attn_norm, self.mlp_norm
+        x = x + self.attn(F.rms_norm(x, an.normalized_shape, an.weight, an.eps), cos, sin, mask, causal, cache_pos)
+        return x + self.mlp(F.rms_norm(x, mn.normalized_shape, mn.weight, mn.eps))
