@@ -192,15 +192,18 @@ def build_tree(topk_acc: list[list[float]], num_nodes: int) -> TreeSpec:
     return TreeSpec.from_paths([list(p) for p in chosen])
 
 
-def load_accuracies(path: str | os.PathLike) -> list[list[float]]:
-    """Read per-head top-k accuracies from a JSON file written by training or `heads-accuracy`."""
+def load_accuracies(path: str | os.PathLike, greedy: bool = False) -> list[list[float]]:
+    """Read per-head top-k accuracies from a JSON file written by training or `heads-accuracy`.
+
+    greedy=True reads `top_k_target` when the file has it: accuracy against the target's own argmax, which
+    is exactly what greedy verification accepts, so trees for greedy decoding are built from it."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise TreeError(f"cannot read head accuracies from {str(path)!r}: {e}") from e
     if isinstance(data, dict):
-        data = data.get("top_k") or data.get("topk") or data.get("accuracy")
+        data = (greedy and data.get("top_k_target")) or data.get("top_k") or data.get("topk") or data.get("accuracy")
     if not isinstance(data, list) or not all(isinstance(r, list) and r for r in data):
         raise TreeError(
             f'{str(path)!r} holds no head accuracies: expected {{"top_k": [[top1, top2, ...] per head]}}'

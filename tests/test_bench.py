@@ -334,6 +334,21 @@ def test_tree_sweep_one_entry_per_size(target, drafter_dirs, tmp_path):
     assert (tmp_path / "tree_sweep.png").is_file()
 
 
+def test_greedy_auto_trees_come_from_accuracy_against_the_target(target, tmp_path):
+    # Data accuracy favours a deep chain, accuracy against the target's argmax a wide first level:
+    # a greedy run must build its tree from the latter.
+    top_k = [[0.9, 0.91, 0.92], [0.9, 0.91, 0.92], [0.9, 0.91, 0.92]]
+    top_k_target = [[0.3, 0.6, 0.8], [0.1, 0.15, 0.2], [0.1, 0.15, 0.2]]
+    amphista.MedusaDrafter.for_target(target, num_heads=3).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "head_accuracy.json").write_text(json.dumps({"top_k": top_k, "top_k_target": top_k_target}))
+    results = run_benchmark(
+        small(target=target, drafters={"m": str(tmp_path / "m")}, tree="auto", tree_nodes=4,
+              questions=QUESTIONS[:1], hf_baseline=False, out=str(tmp_path / "r"), plots=False)
+    )  # fmt: skip
+    paths = results["methods"]["m"]["tree"]["paths"]
+    assert paths == amphista.build_tree(top_k_target, 4).to_json() != amphista.build_tree(top_k, 4).to_json()
+
+
 def test_tree_sweep_without_accuracies_is_a_clear_error(drafter_dirs, no_models):
     with pytest.raises(InputError, match="head_accuracy.json"):
         run_benchmark(small(drafters={"amphista": drafter_dirs["amphista"]}, tree_sweep=[8]))

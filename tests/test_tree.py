@@ -86,6 +86,10 @@ def test_load_accuracies(tmp_path):
     f = tmp_path / "acc.json"
     f.write_text(json.dumps({"top_k": ACC}))
     assert load_accuracies(f) == ACC
+    assert load_accuracies(f, greedy=True) == ACC  # no top_k_target: the data accuracies serve
+    greedy = [[min(1.0, x + 0.1) for x in row] for row in ACC]
+    f.write_text(json.dumps({"top_k": ACC, "top_k_target": greedy}))
+    assert load_accuracies(f) == ACC and load_accuracies(f, greedy=True) == greedy
     f.write_text(json.dumps({"something": 1}))
     with pytest.raises(amphista.TreeError, match="holds no head accuracies"):
         load_accuracies(f)

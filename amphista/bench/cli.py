@@ -67,6 +67,11 @@ def add_parser(sub) -> None:
     )
     t.add_argument("--nodes", type=int, required=True, help="tokens verified per step, root included")
     t.add_argument("--out", metavar="FILE", help="write the tree as JSON (loadable by --tree FILE)")
+    t.add_argument(
+        "--greedy",
+        action="store_true",
+        help="use the accuracies against the target's argmax (top_k_target), as greedy benchmarks do",
+    )
     t.set_defaults(func=run_tree)
 
 
@@ -141,7 +146,7 @@ def run_bench(args) -> int:
 def run_tree(args) -> int:
     from ..tree import build_tree, load_accuracies, rank_probs_from_topk
 
-    acc = load_accuracies(args.accuracies)
+    acc = load_accuracies(args.accuracies, args.greedy)
     tree = build_tree(acc, args.nodes)
     tau = tree.expected_accept_length(rank_probs_from_topk(acc))
     print(

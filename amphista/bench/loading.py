@@ -139,9 +139,9 @@ def load_drafter_dir(name: str, path, target: TargetModel):
     return drafter.to(device=target.device, dtype=target.dtype)
 
 
-def accuracies_for(name: str, path, override=None) -> list[list[float]]:
+def accuracies_for(name: str, path, override=None, greedy: bool = False) -> list[list[float]]:
     """Per-head top-k accuracies: `override` (a file or the list itself), else head_accuracy.json beside
-    the drafter's weights."""
+    the drafter's weights; against the target's argmax for greedy runs (see tree.load_accuracies)."""
     if isinstance(override, list):
         return override
     file = Path(override) if override is not None else (Path(path) / ACCURACY_FILE if path else None)
@@ -151,7 +151,7 @@ def accuracies_for(name: str, path, override=None) -> list[list[float]]:
             f"drafter {name!r} has no head accuracies {where}: tree building needs {ACCURACY_FILE} next to the "
             "drafter's weights; write it with `amphista heads-accuracy` or pass head accuracies explicitly"
         )
-    return load_accuracies(file)
+    return load_accuracies(file, greedy)
 
 
 def tree_for(tree, nodes: int, accuracies=None) -> TreeSpec | str:

@@ -99,7 +99,7 @@ def prepare(cfg: BenchConfig):
     if _needs_accuracies(cfg):
         for name, spec in specs.items():
             path = spec if _is_path(spec) else None
-            accuracies[name] = loading.accuracies_for(name, path, cfg.head_accuracies.get(name))
+            accuracies[name] = loading.accuracies_for(name, path, cfg.head_accuracies.get(name), cfg.temperature == 0)
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -143,6 +143,7 @@ def _speculative(name, target, drafter, tree, info, source) -> Method:
         "source": source if isinstance(source, str) else "paths",
         "num_nodes": spec.num_nodes,
         "depth": spec.depth,
+        "paths": spec.to_json(),
     }
     return Method(name, decoder, "speculative", {**info, "tree": tree_info})
 

@@ -8,6 +8,7 @@ decoder only ever passes committed positions.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -91,11 +92,11 @@ class StagedAdaptation(nn.Module):
         return out
 
     def _run(self, h, e, cos, sin, mask, causal, cache_pos):
-        x = self.fuse[0](torch.cat([h, e], dim=-1))  # (B, T, w)
+        x = F.linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, T, w)
         outs = []
         for s, layer in enumerate(self.layers):
             if s > 0 and self.variant != "token_once":
-                x = self.fuse[s](torch.cat([x, e], dim=-1))
+                x = F.linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
             x = layer(x, cos, sin, mask, causal, cache_pos)
             if self.variant == "split":
                 outs.append(x)
