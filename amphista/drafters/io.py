@@ -142,13 +142,13 @@ base_model: {bf.get("name_or_path") or "unknown"}
 
 # {name} drafter for `{bf.get("name_or_path") or bf.get("architecture", "a causal LM")}`
 
-A {name} drafter for lossless speculative decoding with amphista (drafter format {meta["format_version"]}, amphista {meta["amphista_version"]}).
+{"An" if name[0] in "AEIOU" else "A"} {name} drafter for lossless speculative decoding with amphista (drafter format {meta["format_version"]}, amphista {meta["amphista_version"]}).
 It proposes the next {meta["config"]["num_heads"]} tokens in one parallel pass; the target verifies them,
 so the output is exactly the target's own.
 
 Built for: {bf.get("architecture", "?")}, hidden size {bf.get("hidden_size")}, vocabulary {bf.get("vocab_size")}.
-Saved parameters: {num_params:,} (the target's embedding table{" and lm_head" if meta["config"].get("shared_lm_head") else ""}
-are borrowed from the target at load time and not stored here).
+Saved parameters: {num_params:,} (the target's embedding table{" and lm_head are" if meta["config"].get("shared_lm_head") else " is"}
+borrowed from the target at load time and not stored here).
 
 ```python
 import amphista
