@@ -54,6 +54,8 @@ def zero_(linear: nn.Linear) -> nn.Linear:
 
 
 class Attention(nn.Module):
+    """The weights and KV buffer of one attention block; DecoderLayer.forward runs it."""
+
     def __init__(self, width: int, head_dim: int):
         super().__init__()
         self.n_heads, self.head_dim, self.width = width // head_dim, head_dim, width
@@ -68,34 +70,15 @@ class Attention(nn.Module):
                 2, 1, self.n_heads, max_length, self.head_dim, device=device, dtype=dtype
             )
 
-    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None):
-        """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the buffer at cache_pos.. and the queries
-        attend to everything up to there (mask then orders the new positions among themselves)."""
-        B, T, _ = x.shape
-        # F.linear on the weights, not the submodules' __call__: a draft runs a few dozen of these and at
-        # this size the module-call overhead is a measurable part of its cost.
-        qkv = F.linear(x, self.qkv.weight).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if cos is not None:
-            qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
-        q, k, v = qkv
-        if cache_pos is not None:
-            end = cache_pos + T
-            self.kv_cache[:, :, :, cache_pos:end] = qkv[1:]
-            k, v = self.kv_cache[:, :, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
-        return F.linear(y.transpose(1, 2).reshape(B, T, self.width), self.o.weight)
-
 
 class SwiGLU(nn.Module):
+    """The weights of one SwiGLU MLP; DecoderLayer.forward runs it."""
+
     def __init__(self, width: int, ffn: int):
         super().__init__()
         self.ffn = ffn
         self.gate_up = normal_(nn.Linear(width, 2 * ffn, bias=False))
         self.down = normal_(nn.Linear(ffn, width, bias=False))
-
-    def forward(self, x):
-        gate, up = F.linear(x, self.gate_up.weight).split(self.ffn, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -112,7 +95,26 @@ class DecoderLayer(nn.Module):
             zero_(self.attn.o)
             zero_(self.mlp.down)
 
-    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos=None):
-        an, mn = self.attn_norm, self.mlp_norm
-        x = x + self.attn(F.rms_norm(x, an.normalized_shape, an.weight, an.eps), cos, sin, mask, causal, cache_pos)
-        return x + self.mlp(F.rms_norm(x, mn.normalized_shape, mn.weight, mn.eps))
+    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None):
+        """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the attention's buffer at cache_pos.. and the
+        queries attend to everything up to there (mask then orders the new positions among themselves).
+
+        Written inline on the weights, with no submodule calls: a draft runs every layer once per step, and
+        at the bundled model's size each module call and tensor op costs about as much as its arithmetic.
+        """
+        attn, mlp = self.attn, self.mlp
+        B, T, W = x.shape
+        h = F.rms_norm(x, self.attn_norm.normalized_shape, self.attn_norm.weight, self.attn_norm.eps)
+        qkv = F.linear(h, attn.qkv.weight).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        if cos is not None:
+            qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
+        q, k, v = qkv
+        if cache_pos is not None:
+            end = cache_pos + T
+            attn.kv_cache[:, :, :, cache_pos:end] = qkv[1:]
+            k, v = attn.kv_cache[:, :, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, W), attn.o.weight)
+        h = F.rms_norm(x, self.mlp_norm.normalized_shape, self.mlp_norm.weight, self.mlp_norm.eps)
+        gate, up = F.linear(h, mlp.gate_up.weight).split(mlp.ffn, dim=-1)
+        return x + F.linear(F.silu(gate) * up, mlp.down.weight)
