@@ -76,7 +76,9 @@ def test_results_json_schema(full_run):
     assert vanilla["tau"] == 1.0 and on_disk["methods"]["vanilla_hf"]["tau"] == 1.0
     assert on_disk["vanilla"]["baseline"] in ("vanilla_loop", "vanilla_hf")
     assert on_disk["methods"][on_disk["vanilla"]["baseline"]]["speedup"] == pytest.approx(1.0)
-    assert on_disk["methods"]["medusa"]["tree"] == {"source": "chain", "num_nodes": 5, "depth": 4}
+    assert on_disk["methods"]["medusa"]["tree"] == {
+        "source": "chain", "num_nodes": 5, "depth": 4, "paths": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
+    }
     assert on_disk["methods"]["amphista"]["drafter"]["type"] == "amphista"
     env = on_disk["environment"]
     for key in ("torch", "transformers", "dtype", "cpu", "cpu_cores", "device"):

@@ -236,3 +236,15 @@ def test_sal_cache_holds_exactly_the_committed_positions(target):
     fresh.draft(hidden, seq[:, 1 : L + 1], 0)
     for mine, ref in zip(drafter.sal.layers, fresh.sal.layers):
         torch.testing.assert_close(mine.attn.kv_cache[..., :L, :], ref.attn.kv_cache[..., :L, :], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_rms_norm_equals_nn_rmsnorm(dtype):
+    from amphista.drafters.layers import rms_norm
+
+    norm = torch.nn.RMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), norm(x), atol=tol, rtol=tol)
