@@ -35,23 +35,16 @@ def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple
 
 
 def rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """qkv (3, B, H, T, hd) -> q and k rotated, v unchanged; three ops, which matters per draft call
-    (the halves swapped by cat: roll dispatches twice as many)."""
-    half = qkv.shape[-1] // 2
-    return torch.addcmul(qkv * cos, torch.cat([qkv[..., half:], qkv[..., :half]], dim=-1), sin)
+    """qkv (3, B, H, T, hd) -> q and k rotated, v unchanged; three ops, which matters per draft call."""
+    return torch.addcmul(qkv * cos, qkv.roll(qkv.shape[-1] // 2, dims=-1), sin)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, eps_t: torch.Tensor | None = None) -> torch.Tensor:
-    """nn.RMSNorm over the last dim. In fp32 it is written out: F.rms_norm dispatches three times the tensor
-    ops on the CPU (it casts and copies its input even when that is fp32 already), and so do `mean` and
-    arithmetic with a Python float (each wraps the scalar in a fresh tensor). eps_t, eps as a 0-dim tensor
-    of x's dtype and device, avoids that; half precision keeps F.rms_norm's fp32 statistics."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """nn.RMSNorm. In fp32, written out: F.rms_norm dispatches three times the tensor ops on the CPU (it casts
+    and copies its input even when that is fp32 already). Half precision keeps F.rms_norm's fp32 statistics."""
     if x.dtype != torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
-    if eps_t is None:
-        eps_t = torch.tensor(eps, dtype=x.dtype, device=x.device)
-    ms = torch.add(eps_t, (x * x).sum(-1, keepdim=True), alpha=1.0 / x.shape[-1])  # mean(x^2) + eps
-    return x * torch.rsqrt(ms) * weight
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 def normal_(linear: nn.Linear) -> nn.Linear:
@@ -105,7 +98,6 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(width, head_dim)
         self.mlp_norm = nn.RMSNorm(width, eps=eps)
         self.mlp = SwiGLU(width, ffn)
-        self._eps: dict = {}
         if zero_branches:
             # The residual branches start at zero so that an untrained drafter is exactly Medusa's.
             zero_(self.attn.o)
@@ -120,10 +112,9 @@ class DecoderLayer(nn.Module):
         """
         attn, mlp = self.attn, self.mlp
         B, T, W = x.shape
-        eps = self._eps_tensor(x)
-        x = x.reshape(B * T, W)  # rows: 2D inputs take the shortest path through the matmuls
-        h = rms_norm(x, self.attn_norm.weight, self.attn_norm.eps, eps)
-        qkv = torch.mm(h, attn.qkv.weight.t()).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        x = x.reshape(B * T, W)  # rows: a 2D input takes the shortest path through F.linear
+        h = rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
+        qkv = F.linear(h, attn.qkv.weight).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
             qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
         q, k, v = qkv
@@ -132,17 +123,7 @@ class DecoderLayer(nn.Module):
             attn.kv_cache[:, :, :, cache_pos:end] = qkv[1:]
             k, v = attn.kv_cache[:, :, :, :end]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
-        x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, W), attn.o.weight.t())  # x + o(y)
-        h = rms_norm(x, self.mlp_norm.weight, self.mlp_norm.eps, eps)
-        gate, up = torch.mm(h, mlp.gate_up.weight.t()).split(mlp.ffn, dim=-1)
-        return torch.addmm(x, F.silu(gate) * up, mlp.down.weight.t()).view(B, T, W)
-
-    def _eps_tensor(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The norms' eps as a 0-dim fp32 tensor on x's device, made once (separately for inference mode,
-        whose tensors autograd may not use)."""
-        if x.dtype != torch.float32:
-            return None
-        key = (x.device, torch.is_inference_mode_enabled())
-        if self._eps.get("key") != key:
-            self._eps = {"key": key, "t": torch.tensor(self.attn_norm.eps, dtype=x.dtype, device=x.device)}
-        return self._eps["t"]
+        x = x + F.linear(y.transpose(1, 2).reshape(B * T, W), attn.o.weight)
+        h = rms_norm(x, self.mlp_norm.weight, self.mlp_norm.eps)
+        gate, up = F.linear(h, mlp.gate_up.weight).split(mlp.ffn, dim=-1)
+        return (x + F.linear(F.silu(gate) * up, mlp.down.weight)).view(B, T, W)
