@@ -25,7 +25,7 @@ class TreeKVLayer(DynamicLayer):
         b, h, _, dk = key_states.shape
         dv = value_states.shape[-1]
         self.dtype, self.device = key_states.dtype, key_states.device
-        views = self.storage.claim(self, key_states, value_states) if self.storage is not None else None
+        views = self.storage.claim(key_states, value_states) if self.storage is not None else None
         if views is not None:
             self.key_buf, self.value_buf = views
             self.joint = True
@@ -82,7 +82,12 @@ class _JointStorage:
         self.buf: torch.Tensor | None = None
         self.slots = 0
 
-    def claim(self, layer: TreeKVLayer, key_states: torch.Tensor, value_states: torch.Tensor):
+    @property
+    def covers_all(self) -> bool:
+        """Every layer lives in the joint buffer, so one gather compacts them all."""
+        return self.slots == self.num_layers
+
+    def claim(self, key_states: torch.Tensor, value_states: torch.Tensor):
         b, h, _, dk = key_states.shape
         if value_states.shape != key_states.shape or value_states.dtype != key_states.dtype:
             return None
@@ -119,8 +124,8 @@ class TreeCache(Cache):
         """
         n_keep = len(nodes)
         contiguous = n_keep == 0 or nodes[-1] == n_keep - 1
-        joint = self.storage.buf
-        if not contiguous and joint is not None and all(layer.joint for layer in self.layers):
+        if not contiguous and self.storage.covers_all:
+            joint = self.storage.buf
             joint[..., start : start + n_keep, :] = joint.index_select(4, keep + start)
             contiguous = True  # moved already: the layers only need their new length
         for layer in self.layers:

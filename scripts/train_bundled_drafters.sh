@@ -27,23 +27,24 @@ mkdir -p "$RUN_DIR"
 "$AMPHISTA" distill --target "$TARGET" --prompts scripts/data/story_openings.txt --out "$RUN_DIR/distill_t0.jsonl" \
     --num-samples 1 --temperature 0 --max-new-tokens 256 --batch-size 64 --seed 3 --no-progress
 
-pids=()
-for drafter in medusa amphista; do
-    OMP_NUM_THREADS=1 "$AMPHISTA" train --target "$TARGET" --data "$RUN_DIR"/distill_t{1,06,03,0}.jsonl \
-        --drafter "$drafter" --out "$RUN_DIR/$drafter" --max-steps "$STEPS" --batch-size 32 --seq-len 256 \
-        --seed 0 --no-progress "$@" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the script
-
-pids=()
-for drafter in medusa amphista; do
-    OMP_NUM_THREADS=1 "$AMPHISTA" train --target "$TARGET" --data "$RUN_DIR"/distill_t{1,06,03,0}.jsonl \
-        --drafter "$drafter" --init-drafter "$RUN_DIR/$drafter" --out "$RUN_DIR/${drafter}_long" \
-        --max-steps "$STEPS" --batch-size 32 --seq-len 256 --seed 1 --no-progress "$@" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+# Both drafters at once, one CPU thread each; a failed run fails the script.
+#   train_both OUT_SUFFIX SEED [INIT_SUFFIX]: writes $RUN_DIR/<drafter>OUT_SUFFIX, starting from
+#   $RUN_DIR/<drafter>INIT_SUFFIX when given
+train_both() {
+    local out=$1 seed=$2 pids=() pid drafter init
+    for drafter in medusa amphista; do
+        init=()
+        if [ $# -ge 3 ]; then init=(--init-drafter "$RUN_DIR/$drafter$3"); fi
+        OMP_NUM_THREADS=1 "$AMPHISTA" train --target "$TARGET" --data "$RUN_DIR"/distill_t{1,06,03,0}.jsonl \
+            --drafter "$drafter" "${init[@]}" --out "$RUN_DIR/$drafter$out" --max-steps "$STEPS" \
+            --batch-size 32 --seq-len 256 --seed "$seed" --no-progress "${EXTRA[@]}" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+EXTRA=("$@")  # extra `amphista train` flags for every run
+train_both "" 0
+train_both _long 1 ""
 
 echo "The little" > "$RUN_DIR/fresh_prompt.txt"
 "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/fresh_prompt.txt" --out "$RUN_DIR/fresh_eval.jsonl" \

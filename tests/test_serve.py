@@ -306,6 +306,7 @@ def test_disconnected_clients_free_their_slot(target):
 
 
 def _hang_up_twice(url):
+    """A streaming client and a non-streaming one hang up mid-generation: both are cancelled."""
     cancelled = 'amphista_generations_total{reason="cancelled"}'
     before, tokens_before = _metric(url, cancelled), _metric(url, "amphista_generated_tokens_total")
     body = {"model": "stories260K", "prompt": "Once", "max_tokens": 480, "temperature": 0, "stream": True}

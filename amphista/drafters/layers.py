@@ -66,7 +66,7 @@ class Attention(nn.Module):
 
     def __init__(self, width: int, head_dim: int):
         super().__init__()
-        self.n_heads, self.head_dim, self.width = width // head_dim, head_dim, width
+        self.n_heads, self.head_dim = width // head_dim, head_dim
         self.qkv = normal_(nn.Linear(width, 3 * width, bias=False))
         self.o = normal_(nn.Linear(width, width, bias=False))
         self.kv_cache: torch.Tensor | None = None  # (2, 1, H, max_length, hd), see allocate_cache
