@@ -115,3 +115,28 @@ def test_commit_moves_the_accepted_rows_in_every_layer(heads):
     cache.commit(5, torch.tensor([0, 1]), [0, 1])
     assert cache.length == 7
     torch.testing.assert_close(cache.layers[0].keys, before[:, :, :7], atol=0, rtol=0)
+
+
+def test_tree_attention_broadcasts_kv_groups_like_transformers_copies_them():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from amphista.target import tree_sdpa
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups, is_causal = 3, True
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 5, 8, generator=g)
+    k, v = torch.randn(2, 1, 2, 19, 8, generator=g)
+    mask = torch.zeros(1, 1, 5, 19).masked_fill_(torch.rand(5, 19, generator=g) < 0.3, torch.finfo(torch.float32).min)
+    ours, _ = tree_sdpa(Layer(), q, k, v, mask, scaling=0.3)
+    ref, _ = sdpa_attention_forward(Layer(), q, k, v, mask, scaling=0.3)
+    assert ours.shape == ref.shape == (1, 5, 6, 8)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_target_uses_tree_attention_unless_eager_was_chosen():
+    assert TargetModel(tiny_target("llama")).config._attn_implementation == "amphista_sdpa"
+    eager = tiny_target("llama")
+    eager.set_attn_implementation("eager")
+    assert TargetModel(eager).config._attn_implementation == "eager"
