@@ -168,44 +168,93 @@ def rank_probs_from_topk(topk_acc: list[list[float]]) -> list[list[float]]:
     return probs
 
 
+class HeadAccuracy(list):
+    """A drafter's per-head cumulative top-k accuracies (a plain list of lists, as `build_tree` takes), plus
+    `paths` when they were measured: {node path: fraction of positions where that node is accepted}."""
+
+    def __init__(self, top_k, paths: dict[tuple[int, ...], float] | None = None):
+        super().__init__(top_k)
+        self.paths = paths
+
+
+def _node_values(topk_acc):
+    """node path -> estimated probability that the node is accepted (a child never beats its parent)."""
+    probs = rank_probs_from_topk(topk_acc)
+    if not probs or not all(probs):
+        raise TreeError("head accuracies must be a non-empty list of per-head top-k accuracy lists")
+    paths = getattr(topk_acc, "paths", None)
+    measured = max((len(p) for p in paths), default=0) if paths else 0
+
+    def value(path: tuple[int, ...], parent_value: float) -> float:
+        if len(path) <= measured:
+            return paths.get(path, 0.0)
+        # Medusa's independence assumption: the parent's value times this rank's probability.
+        row = probs[len(path) - 1]
+        return parent_value * (row[path[-1]] if path[-1] < len(row) else 0.0)
+
+    return probs, value
+
+
 def build_tree(topk_acc: list[list[float]], num_nodes: int) -> TreeSpec:
     """The tree of `num_nodes` tokens (root included) with the highest expected accepted length.
 
     topk_acc[h][k] is head h's measured top-(k+1) accuracy. Under Medusa's independence assumption a
-    node's value is the product of its ranks' probabilities; a child never beats its parent, so taking
-    nodes best-first from a frontier gives the optimal prefix-closed set.
+    node's value is the product of its ranks' probabilities. When `topk_acc` carries measured path
+    frequencies (a `HeadAccuracy` from `load_accuracies`), a node's value is how often it was accepted,
+    which needs no such assumption. Either way a child never beats its parent, so taking nodes best-first
+    from a frontier gives the optimal prefix-closed set.
     """
     if num_nodes < 2:
         raise TreeError(f"a tree needs at least 2 nodes (the root and one candidate), got {num_nodes}")
-    probs = rank_probs_from_topk(topk_acc)
-    if not probs or not all(probs):
-        raise TreeError("head accuracies must be a non-empty list of per-head top-k accuracy lists")
-    frontier = [(-probs[0][r], (r,)) for r in range(len(probs[0]))]
+    probs, value = _node_values(topk_acc)
+    frontier = [(-value((r,), 1.0), (r,)) for r in range(len(probs[0]))]
     heapq.heapify(frontier)
     chosen: list[tuple[int, ...]] = []
     while frontier and len(chosen) < num_nodes - 1:
         neg, path = heapq.heappop(frontier)
         chosen.append(path)
         if len(path) < len(probs):
-            for r, p in enumerate(probs[len(path)]):
-                heapq.heappush(frontier, (neg * p, path + (r,)))
+            for r in range(len(probs[len(path)])):
+                child = path + (r,)
+                heapq.heappush(frontier, (-value(child, -neg), child))
     return TreeSpec.from_paths([list(p) for p in chosen])
 
 
-def load_accuracies(path: str | os.PathLike, greedy: bool = False) -> list[list[float]]:
+def expected_tau(tree: TreeSpec, topk_acc: list[list[float]]) -> float:
+    """Expected tokens per step (bonus included) of `tree`, from measured path frequencies when `topk_acc`
+    has them, else under independent heads."""
+    probs, value = _node_values(topk_acc)
+    values = {(): 1.0}
+    for path in tree.paths:  # parents come first
+        values[path] = value(path, values[path[:-1]])
+    return sum(values.values())
+
+
+def load_accuracies(path: str | os.PathLike, greedy: bool = False) -> HeadAccuracy:
     """Read per-head top-k accuracies from a JSON file written by training or `heads-accuracy`.
 
     greedy=True reads `top_k_target` when the file has it: accuracy against the target's own argmax, which
-    is exactly what greedy verification accepts, so trees for greedy decoding are built from it."""
+    is exactly what greedy verification accepts, so trees for greedy decoding are built from it. The measured
+    path frequencies (`paths_target` / `paths`) come along when present, and `build_tree` prefers them."""
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise TreeError(f"cannot read head accuracies from {str(path)!r}: {e}") from e
+    paths = None
     if isinstance(data, dict):
+        table = (greedy and data.get("paths_target")) or data.get("paths")
         data = (greedy and data.get("top_k_target")) or data.get("top_k") or data.get("topk") or data.get("accuracy")
+        if table:
+            try:
+                paths = {tuple(int(r) for r in p): float(f) for p, f in table}
+            except (TypeError, ValueError) as e:
+                raise TreeError(
+                    f"{str(path)!r} has malformed path frequencies ({e}): expected [[path, frequency], ...] "
+                    "as `amphista heads-accuracy` writes them"
+                ) from e
     if not isinstance(data, list) or not all(isinstance(r, list) and r for r in data):
         raise TreeError(
             f'{str(path)!r} holds no head accuracies: expected {{"top_k": [[top1, top2, ...] per head]}}'
         )
-    return [[float(x) for x in row] for row in data]
+    return HeadAccuracy([[float(x) for x in row] for row in data], paths)

@@ -291,3 +291,54 @@ def test_overrides_and_config_checks(tmp_path):
     data = write_stories(tmp_path / "s.jsonl", n=16)
     with pytest.raises(InputError, match="micro_batch_size"):
         train(config(tmp_path, [data], batch_size=4, micro_batch_size=3), target=tiny_target())
+
+
+def test_measured_path_frequencies_count_each_node_the_way_greedy_verification_accepts():
+    from amphista.training.evaluate import TOPK, _count_paths, _path_table
+
+    g = torch.Generator().manual_seed(0)
+    K = 3
+    # A small vocabulary of 8 makes hits at every rank and depth common; -100 marks positions without a label.
+    top = torch.stack([torch.randperm(8, generator=g)[:TOPK] for _ in range(2 * 30 * K)]).view(2, 30, K, TOPK)
+    labels = torch.randint(0, 8, (2, 30, K), generator=g)
+    labels[0, -2:, 2] = -100
+    labels[1, -1:, 1:] = -100
+    path_hits = [torch.zeros(2, TOPK ** (d + 1)) for d in range(K)]
+    positions = torch.zeros(2)
+    _count_paths(top, labels, 1, path_hits, positions)
+    table = _path_table(path_hits, positions, 1)
+
+    counts, n = {}, 0
+    for b in range(2):
+        for t in range(30):
+            if (labels[b, t] < 0).any():
+                continue
+            n += 1
+            path = []
+            for k in range(K):
+                hit = (top[b, t, k] == labels[b, t, k]).nonzero().flatten().tolist()
+                if not hit:
+                    break
+                path.append(hit[0])
+                counts[tuple(path)] = counts.get(tuple(path), 0) + 1
+    assert positions[1] == n == 57 and positions[0] == 0
+    measured = {tuple(p): f for p, f in table}
+    assert measured.keys() == counts.keys() and max(map(len, counts)) == K and len(counts) > 20
+    for node, c in counts.items():
+        assert measured[node] == pytest.approx(c / n, abs=1e-6), node
+    assert [f for _, f in table] == sorted((f for _, f in table), reverse=True)
+
+
+def test_head_accuracy_writes_consistent_path_tables(tmp_path):
+    from amphista.training.evaluate import head_accuracy
+
+    target = tiny_target()
+    drafter = AmphistaDrafter.for_target(target, num_heads=3)
+    examples, _ = load_examples([write_stories(tmp_path / "s.jsonl", n=6)], tokenizer(), seq_len=48)
+    result = head_accuracy(drafter, target, examples, batch_size=4)
+    for key, top_k in (("paths", "top_k"), ("paths_target", "top_k_target")):
+        freq = {tuple(p): f for p, f in result[key]}
+        assert freq, key
+        assert all(freq[p[:-1]] >= f for p, f in freq.items() if len(p) > 1)  # a child never beats its parent
+        # Depth 1 is head 1's top-5 accuracy, over the positions where every head has a label.
+        assert sum(f for p, f in freq.items() if len(p) == 1) == pytest.approx(result[top_k][0][-1], abs=0.05)

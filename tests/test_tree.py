@@ -8,7 +8,15 @@ import json
 import pytest
 
 import amphista
-from amphista.tree import TreeBuffers, TreeSpec, build_tree, load_accuracies, rank_probs_from_topk
+from amphista.tree import (
+    HeadAccuracy,
+    TreeBuffers,
+    TreeSpec,
+    build_tree,
+    expected_tau,
+    load_accuracies,
+    rank_probs_from_topk,
+)
 
 # Medusa's published Vicuna-7B top-1 accuracies with plausible top-k growth.
 ACC = [[0.56, 0.70, 0.76, 0.80], [0.32, 0.45, 0.52, 0.57], [0.20, 0.30, 0.36, 0.40], [0.15, 0.23, 0.28, 0.32]]
@@ -92,4 +100,30 @@ def test_load_accuracies(tmp_path):
     assert load_accuracies(f) == ACC and load_accuracies(f, greedy=True) == greedy
     f.write_text(json.dumps({"something": 1}))
     with pytest.raises(amphista.TreeError, match="holds no head accuracies"):
+        load_accuracies(f)
+
+
+def test_measured_path_frequencies_beat_the_independence_guess(tmp_path):
+    top_k = [[0.5, 0.9], [0.5, 0.9]]
+    # Independent heads: [0, 0] (0.25) before [1, 0] (0.2). Measured: the heads are correlated the other way.
+    assert build_tree(top_k, 4).paths == ((0,), (1,), (0, 0))
+    measured = [[[0], 0.5], [[1], 0.4], [[1, 0], 0.35], [[0, 0], 0.1], [[0, 1], 0.05]]
+    f = tmp_path / "acc.json"
+    f.write_text(json.dumps({"top_k": top_k, "top_k_target": top_k, "paths_target": measured}))
+    acc = load_accuracies(f, greedy=True)
+    assert acc == top_k and acc.paths[(1, 0)] == 0.35
+    tree = build_tree(acc, 4)
+    assert tree.paths == ((0,), (1,), (1, 0))
+    assert expected_tau(tree, acc) == pytest.approx(1 + 0.5 + 0.4 + 0.35)
+    assert load_accuracies(f).paths is None  # sampling reads the data-label table, absent here
+    # Deeper than measured: the deepest measured value times the head's rank probability.
+    deep = build_tree(HeadAccuracy(top_k + [[0.5, 0.9]], acc.paths), 5)
+    assert deep.paths[-1] == (1, 0, 0)
+    assert expected_tau(deep, HeadAccuracy(top_k + [[0.5, 0.9]], acc.paths)) == pytest.approx(2.25 + 0.35 * 0.5)
+
+
+def test_malformed_path_frequencies_are_named(tmp_path):
+    f = tmp_path / "acc.json"
+    f.write_text(json.dumps({"top_k": ACC, "paths": [[[0], "x"]]}))
+    with pytest.raises(amphista.TreeError, match="malformed path frequencies"):
         load_accuracies(f)

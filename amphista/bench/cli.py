@@ -144,14 +144,15 @@ def run_bench(args) -> int:
 
 
 def run_tree(args) -> int:
-    from ..tree import build_tree, load_accuracies, rank_probs_from_topk
+    from ..tree import build_tree, expected_tau, load_accuracies
 
     acc = load_accuracies(args.accuracies, args.greedy)
     tree = build_tree(acc, args.nodes)
-    tau = tree.expected_accept_length(rank_probs_from_topk(acc))
+    tau = expected_tau(tree, acc)
+    basis = "measured path frequencies" if acc.paths else "independent heads"
     print(
         f"tree: {tree.num_nodes} nodes (root included), depth {tree.depth}, expected tau {tau:.3f} "
-        f"(independent heads, bonus included)"
+        f"({basis}, bonus included)"
     )
     for depth in range(1, tree.depth + 1):
         paths = [list(p) for p in tree.paths if len(p) == depth]

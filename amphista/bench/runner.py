@@ -17,7 +17,7 @@ import torch
 
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
-from ..tree import TreeSpec, build_tree, rank_probs_from_topk
+from ..tree import TreeSpec, build_tree, expected_tau
 from . import loading
 from .environment import drafter_info, environment
 from .methods import HF, LOOP, Method, Settings, vanilla_methods
@@ -111,10 +111,9 @@ def prepare(cfg: BenchConfig):
         drafter = loading.load_drafter_dir(name, spec, target) if path else spec
         info = {"drafter": drafter_info(drafter, path)}
         if cfg.tree_sweep is not None:
-            probs = rank_probs_from_topk(accuracies[name])
             for n in cfg.tree_sweep:
                 tree = build_tree(accuracies[name], int(n))
-                sweep.setdefault(name, []).append((f"{name}@{n}", int(n), tree.expected_accept_length(probs)))
+                sweep.setdefault(name, []).append((f"{name}@{n}", int(n), expected_tau(tree, accuracies[name])))
                 methods.append(_speculative(f"{name}@{n}", target, drafter, tree, info, f"build_tree({n})"))
         else:
             tree = loading.tree_for(cfg.tree, cfg.tree_nodes, accuracies.get(name))

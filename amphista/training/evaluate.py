@@ -3,6 +3,12 @@
 `top_k[k][j]` is the fraction of labelled positions where head k's true token is among its j+1 best
 tokens (cumulative, as `amphista.tree.build_tree` expects). The label is the data token; `top_k_target`
 uses the frozen target's own greedy prediction instead, which is what greedy verification accepts.
+
+`paths_target` (and `paths`, against the data) measure the heads jointly: for each tree node, a path of
+ranks such as [0, 1] ("head 1's top-1, then head 2's top-2"), the fraction of positions where every head
+along the path has the right token at exactly that rank, i.e. where the node would be accepted. The heads
+of one drafter are far from independent (Amphista's attend to each other), so trees built from these
+beat trees built from the per-head table under Medusa's independence assumption.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from .batching import collate, head_labels
 from .data import Example
 
 TOPK = 5
+MIN_PATH_FREQUENCY = 1e-4  # rarer nodes are left out of the json: no tree worth building reaches them
+PATH_DEPTH = 6  # nodes deeper than this are measured by the per-head table only (TOPK ** depth counters)
 
 
 @torch.no_grad()
@@ -25,6 +33,9 @@ def head_accuracy(drafter, target, examples: list[Example], batch_size: int = 8,
     dtype = next(drafter.parameters()).dtype
     hits = torch.zeros(2, K, TOPK)  # data label, target label
     counts = torch.zeros(2, K)
+    # Node counts per depth d, indexed by the ranks along the path read as a base-TOPK number.
+    path_hits = [torch.zeros(2, TOPK ** (d + 1)) for d in range(min(K, PATH_DEPTH))]
+    path_positions = torch.zeros(2)
     nll = torch.zeros(K)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # little padding
     for i in range(0, len(order), batch_size):
@@ -47,6 +58,7 @@ def head_accuracy(drafter, target, examples: list[Example], batch_size: int = 8,
                 found = (top == lab_row.unsqueeze(-1)).cumsum(-1).clamp(max=1)  # (B, c, K, TOPK)
                 hits[row] += (found * valid.unsqueeze(-1)).sum((0, 1)).float()
                 counts[row] += valid.sum((0, 1)).float()
+                _count_paths(top, lab_row, row, path_hits, path_positions)
             valid = lab >= 0
             ce = -F.log_softmax(q, -1).cpu().gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             nll += torch.where(valid, ce, torch.zeros(())).sum((0, 1))
@@ -55,10 +67,42 @@ def head_accuracy(drafter, target, examples: list[Example], batch_size: int = 8,
     return {
         "top_k": [[round(float(x), 6) for x in row] for row in acc[0]],
         "top_k_target": [[round(float(x), 6) for x in row] for row in acc[1]],
+        "paths": _path_table(path_hits, path_positions, 0),
+        "paths_target": _path_table(path_hits, path_positions, 1),
         "lm_loss": [round(float(x), 6) for x in nll / counts[0].clamp(min=1)],
         "positions": [int(x) for x in counts[0]],
         "examples": len(examples),
     }
+
+
+def _count_paths(top, labels, row, path_hits, path_positions) -> None:
+    """Add one chunk's joint rank counts. top (B, c, K, TOPK) indices; labels (B, c, K), -100 = none.
+
+    Only positions where every head has a label count, so that a node and its ancestors share one
+    denominator and a child's frequency never exceeds its parent's."""
+    K = len(path_hits)
+    full = (labels >= 0).all(-1)  # (B, c)
+    eq = top[full] == labels[full].unsqueeze(-1)  # (P, K, TOPK)
+    rank = torch.where(eq.any(-1), eq.long().argmax(-1), TOPK)  # (P, K); TOPK = not in the top-k
+    path_positions[row] += rank.shape[0]
+    code = torch.zeros(rank.shape[0], dtype=torch.long)
+    alive = torch.ones(rank.shape[0], dtype=torch.bool)
+    for d in range(K):
+        alive &= rank[:, d] < TOPK
+        code = code * TOPK + rank[:, d].clamp(max=TOPK - 1)
+        path_hits[d][row] += torch.bincount(code[alive], minlength=TOPK ** (d + 1)).float()
+
+
+def _path_table(path_hits, path_positions, row: int) -> list:
+    """[[path, frequency], ...], most frequent first, nodes rarer than MIN_PATH_FREQUENCY left out."""
+    total = float(path_positions[row])
+    out = []
+    for d, counts in enumerate(path_hits):
+        for code in torch.nonzero(counts[row] >= max(total, 1.0) * MIN_PATH_FREQUENCY).flatten().tolist():
+            path = [(code // TOPK ** (d - j)) % TOPK for j in range(d + 1)]
+            out.append([path, round(float(counts[row, code]) / total, 6)])
+    out.sort(key=lambda e: (-e[1], len(e[0]), e[0]))
+    return out
 
 
 def format_table(result: dict, title: str = "held-out head accuracy") -> str:
