@@ -58,12 +58,13 @@ class AmphistaDrafter(HeadDrafter):
     @torch.inference_mode()
     def draft(self, hidden, next_tokens, start_pos):
         """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, V) for the last one."""
-        h = hidden.to(self.dtype)
+        dtype = self.dtype
+        h = hidden if hidden.dtype == dtype else hidden.to(dtype)
         if self.sal is None:
             a = h[:, -1:]
         else:
             a = self.sal.step(h, self._embed(next_tokens), start_pos)[:, -1:]  # (1, 1, [S,] d)
-        return self.project(self._heads(a)).view(self.num_heads, self.vocab_size)
+        return self.project(self._heads(a).view(self.num_heads, -1))  # (K, V)
 
     @property
     def cache_length(self) -> int:

@@ -87,7 +87,8 @@ class HeadDrafter(Drafter):
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, d) in the drafter's dtype."""
-        return self._borrowed().embed(tokens).to(self.dtype)
+        e = self._borrowed().embed(tokens)
+        return e if e.dtype == self.dtype else e.to(self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
