@@ -26,6 +26,7 @@ CONFIGS = {
     "shared_head": {"shared_lm_head": True},
     "shared_head_no_norm": {"shared_lm_head": True, "head_norm": False},
     "narrow": {"sal_width": 16, "aeb_width": 16, "sal_variant": "split"},
+    "narrow_refuse": {"sal_width": 16, "aeb_width": 16},
     "deep_resblocks": {"resblock_layers": 2},
     "five_heads": {"num_heads": 5},
 }

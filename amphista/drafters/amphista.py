@@ -63,7 +63,7 @@ class AmphistaDrafter(HeadDrafter):
         if self.sal is None:
             a = h[:, -1:]
         else:
-            a = self.sal.step(h, self._embed(next_tokens), start_pos)[:, -1:]  # (1, 1, [S,] d)
+            a = self.sal.step(h, self._embed(next_tokens), start_pos)  # (1, 1, [S,] d)
         return self.project(self._heads(a).view(self.num_heads, -1))  # (K, V)
 
     @property

@@ -121,9 +121,11 @@ class DecoderLayer(nn.Module):
             zero_(self.attn.o)
             zero_(self.mlp.down)
 
-    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None):
+    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None, last=False):
         """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the attention's buffer at cache_pos.. and the
         queries attend to everything up to there (mask then orders the new positions among themselves).
+        last=True (with cache_pos) returns the last position only, (B, 1, w): every position's k/v still
+        goes to the cache, but attention and the MLP run on one row, which needs no mask.
 
         Written inline on the weights, with no submodule calls: a draft runs every layer once per step, and
         at the bundled model's size each module call and tensor op costs about as much as its arithmetic.
@@ -140,6 +142,8 @@ class DecoderLayer(nn.Module):
             end = cache_pos + T
             attn.kv_cache[:, :, :, cache_pos:end] = qkv[1:]
             k, v = attn.kv_cache[:, :, :, :end]
+            if last and T > 1:
+                q, mask, x, T = q[:, :, -1:], None, x.view(B, T, W)[:, -1], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
         x = x + F.linear(y.transpose(1, 2).reshape(B * T, W), attn.o.weight)
         h = rms_norm(x, self.mlp_norm.weight, self.mlp_norm.eps)

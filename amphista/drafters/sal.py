@@ -68,7 +68,8 @@ class StagedAdaptation(nn.Module):
         self.length = 0
 
     def step(self, h: torch.Tensor, e: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Decoding: append positions start_pos.. (h, e (1, n, d)) to the cache; returns as forward."""
+        """Decoding: append positions start_pos.. (h, e (1, n, d)) to the cache; returns the last position's
+        output, (1, 1, d) or (1, 1, S, d) for the split variant."""
         n = h.shape[1]
         end = start_pos + n
         if end > self.max_length:
@@ -86,18 +87,22 @@ class StagedAdaptation(nn.Module):
             # New positions see the cache and each other causally: (n, end) boolean, True = may attend.
             mask = self._positions[:end] <= self._positions[start_pos:end, None]
         out = self._run(
-            h, e, self._cos[..., start_pos:end, :], self._sin[..., start_pos:end, :], mask, False, start_pos
+            h, e, self._cos[..., start_pos:end, :], self._sin[..., start_pos:end, :], mask, False, start_pos, True
         )
         self.length = end  # a start_pos below length rewrites those positions: a free rollback
-        return out
+        return out[:, -1:]
 
-    def _run(self, h, e, cos, sin, mask, causal, cache_pos):
+    def _run(self, h, e, cos, sin, mask, causal, cache_pos, last=False):
+        """last=True: only the last position's output is wanted, so the last stage computes only that one
+        (the split variant, which returns every stage, keeps all positions)."""
+        last = last and self.variant != "split"
         x = F.linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, T, w)
         outs = []
+        final = len(self.layers) - 1
         for s, layer in enumerate(self.layers):
             if s > 0 and self.variant != "token_once":
                 x = F.linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
-            x = layer(x, cos, sin, mask, causal, cache_pos)
+            x = layer(x, cos, sin, mask, causal, cache_pos, last and s == final)
             if self.variant == "split":
                 outs.append(x)
         if self.variant == "split":
@@ -105,4 +110,6 @@ class StagedAdaptation(nn.Module):
             if self.up is not None:
                 return h.unsqueeze(-2) + self.up(x)
             return x
-        return x if self.up is None else h + self.up(x)
+        if self.up is None:
+            return x
+        return (h[:, -x.shape[1] :] if last else h) + self.up(x)
