@@ -254,3 +254,22 @@ def test_layer_rms_norm_equals_nn_rmsnorm(dtype):
     torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), ref, atol=tol, rtol=tol)  # training
     with torch.inference_mode():  # drafting takes another formula
         torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), ref, atol=tol, rtol=tol)
+
+
+def test_drafting_weights_follow_training_and_need_a_reset_after_a_cast(target):
+    drafter = perturb(make(target, aeb_layers=2))
+    hidden, nxt = batch(target, B=1, T=6)
+    with pytest.raises(InputError, match="reset"):
+        drafter.draft(hidden, nxt, 0)  # never reset: the drafting weights were never gathered
+    drafter.reset(8)
+    drafter.draft(hidden, nxt, 0)
+    perturb(drafter, seed=1)  # in place, as an optimizer step: the gathered views see it
+    with torch.no_grad():  # (from position 0 again: the SAL cache is rewritten, not read)
+        torch.testing.assert_close(drafter.draft(hidden, nxt, 0), drafter(hidden, nxt)[0, -1], atol=2e-5, rtol=1e-5)
+    drafter.double()  # new parameters: the views gathered at reset would read the old ones
+    with pytest.raises(InputError, match="reset"):
+        drafter.draft(hidden.double(), nxt, 0)
+    drafter.reset(8)
+    with torch.no_grad():
+        ref = drafter(hidden.double(), nxt)[0, -1]
+    torch.testing.assert_close(drafter.draft(hidden.double(), nxt, 0), ref)

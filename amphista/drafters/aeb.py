@@ -48,6 +48,7 @@ class AutoEmbeddingBlock(nn.Module):
         # Fixed tables live on the CPU and are moved once per device/dtype (see _tables): not buffers, so
         # a drafter built on `meta` and loaded from safetensors needs no special casing.
         self._fixed: dict = {}
+        self.decode_weights: list | None = None  # per layer, see prepare_decode
         if self.kind == "sinusoidal":
             self._fixed["cpu"] = (sinusoidal_table(K, w), None)
         elif self.kind == "rotary":
@@ -63,8 +64,14 @@ class AutoEmbeddingBlock(nn.Module):
             )
         return self._fixed[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, K, d): N independent groups -> (N, K, d)."""
+    def prepare_decode(self) -> None:
+        """Gather the layers' drafting weights (DecoderLayer.weights); forward(decode=True) reads them."""
+        self.decode_weights = [layer.weights(decode=True) for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """x (N, K, d): N independent groups -> (N, K, d). decode=True reads the weights prepare_decode
+        gathered (a drafter calls it at reset)."""
+        weights = self.decode_weights if decode else None
         z0 = x if self.down is None else self.down(x)  # (N, K, w)
         cos = sin = None
         if self.kind == "learned":
@@ -74,7 +81,7 @@ class AutoEmbeddingBlock(nn.Module):
         elif self.kind == "rotary":
             cos, sin = self._tables(z0)
         z = z0
-        for layer in self.layers:
-            z = layer(z, cos, sin)  # no mask: every head sees every other head
+        for i, layer in enumerate(self.layers):
+            z = layer(z, cos, sin, weights=weights and weights[i])  # no mask: every head sees every other head
         delta = z - z0
         return x + (delta if self.up is None else self.up(delta))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .aeb import AutoEmbeddingBlock
 from .common import HeadDrafter
 from .config import AmphistaConfig
@@ -33,13 +34,14 @@ class AmphistaDrafter(HeadDrafter):
         # Plain ints, not an index tensor: nothing to move between devices or out of inference mode.
         stages = c.head_stages() if c.use_sal and c.sal_variant == "split" else None
         self._stage_runs = None if stages is None else [(s, stages.count(s)) for s in sorted(set(stages))]
+        self._prepared = False  # reset() gathers the drafting weights
 
     def features(self, hidden, next_tokens, position_ids=None) -> torch.Tensor:
         h = hidden.to(self.dtype)  # (B, T, d)
         a = h if self.sal is None else self.sal(h, self._embed(next_tokens), position_ids)
         return self._heads(a)
 
-    def _heads(self, a: torch.Tensor) -> torch.Tensor:
+    def _heads(self, a: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """a (B, T, d), or (B, T, S, d) per SAL stage for the split variant -> (B, T, K, d)."""
         per_head = self._stage_runs is not None
         if per_head:
@@ -47,24 +49,44 @@ class AmphistaDrafter(HeadDrafter):
             a = torch.cat([a[..., s : s + 1, :].expand(*lead, n, d) for s, n in self._stage_runs], dim=-2)  # (B,T,K,d)
         x = self.resblocks(a, per_head=per_head)  # (B, T, K, d)
         if self.aeb is not None:
-            x = self.aeb(x.reshape(-1, *x.shape[-2:])).view(x.shape)  # (B*T, K, d): one group per position
+            x = self.aeb(x.reshape(-1, *x.shape[-2:]), decode).view(x.shape)  # (B*T, K, d): a group per position
         return x
 
     @torch.inference_mode()
     def reset(self, max_length: int) -> None:
         if self.sal is not None:
             self.sal.reset(max_length, self.device, self.dtype)
+        if self.aeb is not None:
+            self.aeb.prepare_decode()
+        self._prepared = True
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting replaces the parameters, and the drafting weights gathered at reset are views of
+        # the old ones: drafting needs a reset again.
+        self._forget_decode_weights()
+        return super()._apply(fn, recurse)
+
+    def _forget_decode_weights(self) -> None:
+        self._prepared = False
+        for part in (self.sal, self.aeb):
+            if part is not None:
+                part.decode_weights = None
 
     @torch.inference_mode()
     def draft(self, hidden, next_tokens, start_pos):
         """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, V) for the last one."""
+        if not self._prepared:
+            raise InputError(
+                "the drafter was not reset for this sequence (or was moved or cast since): call "
+                "drafter.reset(max_length) before the first draft of every sequence"
+            )
         dtype = self.dtype
         h = hidden if hidden.dtype == dtype else hidden.to(dtype)
         if self.sal is None:
             a = h[:, -1:]
         else:
             a = self.sal.step(h, self._embed(next_tokens), start_pos)  # (1, 1, [S,] d)
-        return self.project(self._heads(a).view(self.num_heads, -1))  # (K, V)
+        return self.project(self._heads(a, decode=True).view(self.num_heads, -1))  # (K, V)
 
     @property
     def cache_length(self) -> int:

@@ -61,8 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, eps)
     if torch.is_grad_enabled():
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-    c, sqrt_d = _norm_constants(x.shape[-1], eps, x.device, x.dtype)
-    return x * weight / (torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c) / sqrt_d)
+    return _norm(x, weight, _norm_constants(x.shape[-1], eps, x.device, x.dtype))
 
 
 def normal_(linear: nn.Linear) -> nn.Linear:
@@ -121,20 +120,44 @@ class DecoderLayer(nn.Module):
             zero_(self.attn.o)
             zero_(self.mlp.down)
 
-    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos: int | None = None, last=False):
+    def weights(self, decode: bool = False) -> tuple:
+        """Everything forward reads, in one tuple: the projections as transposed views (no copies, so they
+        follow in-place updates of the parameters), the norm weights, and the norm constants -- eps, or for
+        drafting (decode=True) the tensors of the scalar-free RMSNorm. A drafter gathers the decode tuple once
+        per sequence (at reset): at the bundled model's size, module attribute lookups and F.linear's
+        transposes cost as much as the arithmetic of a step."""
+        attn, mlp, norm = self.attn, self.mlp, self.attn_norm
+        consts = norm.eps
+        if decode:
+            w = norm.weight
+            consts = _norm_constants(w.shape[0], norm.eps, w.device, w.dtype)
+        return (
+            attn.qkv.weight.t(),
+            attn.o.weight.t(),
+            mlp.gate_up.weight.t(),
+            mlp.down.weight.t(),
+            norm.weight,
+            self.mlp_norm.weight,
+            consts,
+            attn,
+            mlp.ffn,
+        )
+
+    def forward(self, x, cos=None, sin=None, mask=None, causal=False, cache_pos=None, last=False, weights=None):
         """x (B, T, w) -> (B, T, w). With cache_pos, k/v go to the attention's buffer at cache_pos.. and the
         queries attend to everything up to there (mask then orders the new positions among themselves).
         last=True (with cache_pos) returns the last position only, (B, 1, w): every position's k/v still
-        goes to the cache, but attention and the MLP run on one row, which needs no mask.
+        goes to the cache, but attention and the MLP run on one row, which needs no mask. `weights` is a
+        tuple from weights(decode=True), for drafting; None reads the parameters afresh.
 
         Written inline on the weights, with no submodule calls: a draft runs every layer once per step, and
         at the bundled model's size each module call and tensor op costs about as much as its arithmetic.
         """
-        attn, mlp = self.attn, self.mlp
+        qkv_w, o_w, gate_up_w, down_w, norm1, norm2, consts, attn, ffn = weights or self.weights()
         B, T, W = x.shape
-        x = x.reshape(B * T, W)  # rows: a 2D input takes the shortest path through F.linear
-        h = rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
-        qkv = F.linear(h, attn.qkv.weight).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        x = x.reshape(B * T, W)  # rows: 2D matmuls
+        h = _norm(x, norm1, consts)
+        qkv = torch.mm(h, qkv_w).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
             qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
         q, k, v = qkv
@@ -145,7 +168,21 @@ class DecoderLayer(nn.Module):
             if last and T > 1:
                 q, mask, x, T = q[:, :, -1:], None, x.view(B, T, W)[:, -1], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
-        x = x + F.linear(y.transpose(1, 2).reshape(B * T, W), attn.o.weight)
-        h = rms_norm(x, self.mlp_norm.weight, self.mlp_norm.eps)
-        gate, up = F.linear(h, mlp.gate_up.weight).split(mlp.ffn, dim=-1)
-        return (x + F.linear(F.silu(gate) * up, mlp.down.weight)).view(B, T, W)
+        x = _residual(x, y.transpose(1, 2).reshape(B * T, W), o_w, consts)
+        gate, up = torch.mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
+        return _residual(x, F.silu(gate) * up, down_w, consts).view(B, T, W)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, consts) -> torch.Tensor:
+    if isinstance(consts, float):
+        return rms_norm(x, weight, consts)
+    c, sqrt_d = consts  # drafting: see rms_norm
+    return x * weight / (torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c) / sqrt_d)
+
+
+def _residual(x: torch.Tensor, a: torch.Tensor, w_t: torch.Tensor, consts) -> torch.Tensor:
+    """x + a @ w_t. Drafting fuses the two into addmm; training keeps them apart, so that under autocast the
+    residual stream stays in full precision (addmm would cast x down with the product)."""
+    if isinstance(consts, float):
+        return x + torch.mm(a, w_t)
+    return torch.addmm(x, a, w_t)

@@ -44,6 +44,7 @@ class StagedAdaptation(nn.Module):
         self.max_length = 0
         self.length = 0  # committed positions held in the cache
         self._positions = self._cos = self._sin = None
+        self.decode_weights: list | None = None  # per layer, gathered by reset() (see DecoderLayer.weights)
 
     @property
     def num_outputs(self) -> int:
@@ -59,6 +60,7 @@ class StagedAdaptation(nn.Module):
     def reset(self, max_length: int, device, dtype) -> None:
         for layer in self.layers:
             layer.attn.allocate_cache(max_length, device, dtype)
+        self.decode_weights = [layer.weights(decode=True) for layer in self.layers]
         stale = self._cos is None or self._cos.device != torch.device(device) or self._cos.dtype != dtype
         if stale or max_length > self.max_length:
             # RoPE tables and key positions for the whole sequence, computed once per reset, not per call.
@@ -87,12 +89,13 @@ class StagedAdaptation(nn.Module):
             # New positions see the cache and each other causally: (n, end) boolean, True = may attend.
             mask = self._positions[:end] <= self._positions[start_pos:end, None]
         out = self._run(
-            h, e, self._cos[..., start_pos:end, :], self._sin[..., start_pos:end, :], mask, False, start_pos, True
+            h, e, self._cos[..., start_pos:end, :], self._sin[..., start_pos:end, :], mask, False, start_pos, True,
+            self.decode_weights,
         )
         self.length = end  # a start_pos below length rewrites those positions: a free rollback
         return out[:, -1:]
 
-    def _run(self, h, e, cos, sin, mask, causal, cache_pos, last=False):
+    def _run(self, h, e, cos, sin, mask, causal, cache_pos, last=False, weights=None):
         """last=True: only the last position's output is wanted, so the last stage computes only that one
         (the split variant, which returns every stage, keeps all positions)."""
         last = last and self.variant != "split"
@@ -102,7 +105,7 @@ class StagedAdaptation(nn.Module):
         for s, layer in enumerate(self.layers):
             if s > 0 and self.variant != "token_once":
                 x = F.linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
-            x = layer(x, cos, sin, mask, causal, cache_pos, last and s == final)
+            x = layer(x, cos, sin, mask, causal, cache_pos, last and s == final, weights and weights[s])
             if self.variant == "split":
                 outs.append(x)
         if self.variant == "split":
