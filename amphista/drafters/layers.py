@@ -61,7 +61,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, eps)
     if torch.is_grad_enabled():
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-    return _norm(x, weight, _norm_constants(x.shape[-1], eps, x.device, x.dtype))
+    c, sqrt_d = _norm_constants(x.shape[-1], eps, x.device, x.dtype)
+    return x * weight / (torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c) / sqrt_d)
 
 
 def normal_(linear: nn.Linear) -> nn.Linear:
@@ -121,23 +122,23 @@ class DecoderLayer(nn.Module):
             zero_(self.mlp.down)
 
     def weights(self, decode: bool = False) -> tuple:
-        """Everything forward reads, in one tuple: the projections as transposed views (no copies, so they
-        follow in-place updates of the parameters), the norm weights, and the norm constants -- eps, or for
-        drafting (decode=True) the tensors of the scalar-free RMSNorm. A drafter gathers the decode tuple once
-        per sequence (at reset): at the bundled model's size, module attribute lookups and F.linear's
-        transposes cost as much as the arithmetic of a step."""
+        """Everything forward reads, in one tuple: the projections as transposed views, the norm weights and
+        the norm constant -- eps, or for drafting (decode=True) the tensor of the scalar-free RMSNorm, with
+        sqrt(width) folded into copies of the (vector) norm weights. A drafter gathers the decode tuple once
+        per sequence, at reset, and drafts with the weights as they were then: at the bundled model's size,
+        module attribute lookups and F.linear's transposes cost as much as the arithmetic of a step."""
         attn, mlp, norm = self.attn, self.mlp, self.attn_norm
-        consts = norm.eps
+        norm1, norm2, consts = norm.weight, self.mlp_norm.weight, norm.eps
         if decode:
-            w = norm.weight
-            consts = _norm_constants(w.shape[0], norm.eps, w.device, w.dtype)
+            consts, sqrt_d = _norm_constants(norm1.shape[0], norm.eps, norm1.device, norm1.dtype)
+            norm1, norm2 = norm1 * sqrt_d, norm2 * sqrt_d
         return (
             attn.qkv.weight.t(),
             attn.o.weight.t(),
             mlp.gate_up.weight.t(),
             mlp.down.weight.t(),
-            norm.weight,
-            self.mlp_norm.weight,
+            norm1,
+            norm2,
             consts,
             attn,
             mlp.ffn,
@@ -176,8 +177,8 @@ class DecoderLayer(nn.Module):
 def _norm(x: torch.Tensor, weight: torch.Tensor, consts) -> torch.Tensor:
     if isinstance(consts, float):
         return rms_norm(x, weight, consts)
-    c, sqrt_d = consts  # drafting: see rms_norm
-    return x * weight / (torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c) / sqrt_d)
+    # Drafting: consts is sqrt(eps * d) and weight carries sqrt(d) already (see rms_norm).
+    return x * weight / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), consts)
 
 
 def _residual(x: torch.Tensor, a: torch.Tensor, w_t: torch.Tensor, consts) -> torch.Tensor:
