@@ -88,9 +88,15 @@ for drafter in medusa amphista; do
         --json "$RUN_DIR/${drafter}_g/head_accuracy.json"
 done
 
+# The weights, config and accuracies replace the shipped ones; the shipped README.md (written for the
+# package, with how the drafter was trained) stays, and the config names the target the way users load it.
 for drafter in medusa amphista; do
-    rm -rf "amphista/assets/drafters/$drafter"
-    mkdir -p "amphista/assets/drafters/$drafter"
     cp "$RUN_DIR/${drafter}_g"/{config.json,model.safetensors,head_accuracy.json} "amphista/assets/drafters/$drafter/"
-    cp "$RUN_DIR/${drafter}_g"/README.md "amphista/assets/drafters/$drafter/" 2>/dev/null || true
+    "$PYTHON" - "amphista/assets/drafters/$drafter/config.json" <<'EOF'
+import json, sys
+path = sys.argv[1]
+config = json.load(open(path))
+config["built_for"]["name_or_path"] = "stories260K (amphista.load_default_target())"
+open(path, "w").write(json.dumps(config, indent=2) + "\n")
+EOF
 done
