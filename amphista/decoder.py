@@ -135,7 +135,7 @@ class SpeculativeDecoder(Decoder):
             with decode_attention(device):
                 draft_logits = drafter.draft(*draft_in)  # (K, V)
             top = torch.topk(draft_logits[:depth], k, dim=-1).indices  # (D, k)
-            tokens = torch.cat([torch.tensor([root], device=device), top[buf.head, buf.rank]])  # (N,)
+            tokens = torch.cat([torch.tensor([root], device=device), top.view(-1)[buf.flat]])  # (N,)
             out = target.forward(
                 tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start), cache=cache
             )
