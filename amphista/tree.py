@@ -151,11 +151,11 @@ class TreeBuffers:
         self.retrieve = retrieve.to(device)  # (P, D+1)
         self.valid = valid.to(device)  # (P, D+1)
         self.children = children
-        # Candidate i (1..N-1) is rank `rank[i]` of head `head[i]`.
-        self.head = torch.tensor([len(p) - 1 for p in spec.paths], device=device)  # (N-1,)
-        self.rank = torch.tensor([p[-1] for p in spec.paths], device=device)  # (N-1,)
-        # The same as positions in the (depth, max_rank + 1) top-k table read row by row: one gather.
-        self.flat = self.head * (spec.max_rank + 1) + self.rank  # (N-1,)
+        # Candidate i (1..N-1) is rank p[-1] of head len(p) - 1: its place in the (depth, max_rank + 1) top-k
+        # table read row by row, so that the tree's tokens are one gather.
+        self.flat = torch.tensor(
+            [(len(p) - 1) * (spec.max_rank + 1) + p[-1] for p in spec.paths], device=device
+        )  # (N-1,)
 
 
 def rank_probs_from_topk(topk_acc: list[list[float]]) -> list[list[float]]:
