@@ -4,12 +4,13 @@
 #                                                     # amphista/assets/drafters/{medusa,amphista}
 # 1. self-distillation: the model's own stories from 98 openings (none of them in the benchmark prompts),
 #    sampled at temperatures 1.0, 0.6 and 0.3 (twice, with different seeds), its greedy continuation of each
-#    opening, and its greedy continuations of 1,960 story beginnings cut from its own temperature-1 stories:
+#    opening, and its greedy continuations of 3,920 story beginnings cut from its own temperature-1 stories:
 #    greedy text puts the drafters on the paths that greedy decoding walks
-# 2. Medusa and Amphista drafters trained on it in four runs of 2,000 steps, each starting from the last
+# 2. Medusa and Amphista drafters trained on it in five runs of 2,000 steps, each starting from the last
 #    (both drafters at once, one CPU core each; about 30 minutes a run): the first two on the first half of
-#    the sampled stories, the third on all of them, the fourth with the greedy continuations added twice
-#    (the benchmark and the demo decode greedily); the same data, steps and seeds for both drafters
+#    the sampled stories, the third on all of them, the fourth with half of the greedy continuations added
+#    twice, the fifth with all of them added twice (the benchmark and the demo decode greedily); the same
+#    data, steps and seeds for both drafters
 # 3. head accuracies, per head and per tree path, measured on fresh text from a prompt no training story
 #    starts with ("The little"): 128 stories at temperature 0.6 and the greedy continuations of their first
 #    8-15 words, so the shipped head_accuracy.json (which picks the trees) comes from data no run saw
@@ -34,18 +35,21 @@ distill $OPENINGS distill_t0.jsonl 1 0 3
 distill $OPENINGS distill_t1b.jsonl 40 1.0 10
 distill $OPENINGS distill_t06b.jsonl 20 0.6 11
 distill $OPENINGS distill_t03b.jsonl 20 0.3 12
-# Every other temperature-1 story, cut after 4-80 words, continued greedily.
-"$PYTHON" - "$RUN_DIR" <<'EOF'
+# The temperature-1 stories, cut after 4-80 words, continued greedily: even ones, then odd ones.
+for half in 0 1; do
+    "$PYTHON" - "$RUN_DIR" "$half" <<'EOF'
 import json, random, sys
-run = sys.argv[1]
-rng = random.Random(4)
+run, half = sys.argv[1], int(sys.argv[2])
+rng = random.Random(4 + 2 * half)
 stories = [json.loads(line)["text"] for line in open(f"{run}/distill_t1.jsonl")]
-with open(f"{run}/greedy_prompts.jsonl", "w") as f:
-    for text in stories[::2]:
+with open(f"{run}/greedy_prompts{half or ''}.jsonl", "w") as f:
+    for text in stories[half::2]:
         words = text.split(" ")
         f.write(json.dumps({"prompt": " ".join(words[: rng.randint(4, min(80, len(words) - 1))])}) + "\n")
 EOF
+done
 distill "$RUN_DIR/greedy_prompts.jsonl" distill_greedy.jsonl 1 0 5
+distill "$RUN_DIR/greedy_prompts1.jsonl" distill_greedy2.jsonl 1 0 6
 
 # Both drafters at once, one CPU thread each; a failed run fails the script.
 #   train_both OUT_SUFFIX SEED INIT_SUFFIX DATA...: writes $RUN_DIR/<drafter>OUT_SUFFIX, starting from
@@ -70,6 +74,8 @@ train_both "" 0 - "${FIRST[@]}"
 train_both _long 1 "" "${FIRST[@]}"
 train_both _x 2 _long "${ALL[@]}"
 train_both _g 3 _x "${ALL[@]}" "$RUN_DIR/distill_greedy.jsonl" "$RUN_DIR/distill_greedy.jsonl"
+GREEDY=("$RUN_DIR"/distill_greedy{,2}.jsonl)
+train_both _h 4 _g "${ALL[@]}" "${GREEDY[@]}" "${GREEDY[@]}"
 
 echo "The little" > "$RUN_DIR/fresh_prompt.txt"
 distill "$RUN_DIR/fresh_prompt.txt" fresh_eval.jsonl 128 0.6 7
@@ -83,15 +89,15 @@ with open(f"{run}/fresh_greedy_prompts.jsonl", "w") as f:
 EOF
 distill "$RUN_DIR/fresh_greedy_prompts.jsonl" fresh_greedy.jsonl 1 0 8
 for drafter in medusa amphista; do
-    "$AMPHISTA" heads-accuracy --target "$TARGET" --drafter "$RUN_DIR/${drafter}_g" \
+    "$AMPHISTA" heads-accuracy --target "$TARGET" --drafter "$RUN_DIR/${drafter}_h" \
         --data "$RUN_DIR/fresh_eval.jsonl" "$RUN_DIR/fresh_greedy.jsonl" --max-examples 512 --seq-len 256 \
-        --json "$RUN_DIR/${drafter}_g/head_accuracy.json"
+        --json "$RUN_DIR/${drafter}_h/head_accuracy.json"
 done
 
 # The weights, config and accuracies replace the shipped ones; the shipped README.md (written for the
 # package, with how the drafter was trained) stays, and the config names the target the way users load it.
 for drafter in medusa amphista; do
-    cp "$RUN_DIR/${drafter}_g"/{config.json,model.safetensors,head_accuracy.json} "amphista/assets/drafters/$drafter/"
+    cp "$RUN_DIR/${drafter}_h"/{config.json,model.safetensors,head_accuracy.json} "amphista/assets/drafters/$drafter/"
     "$PYTHON" - "amphista/assets/drafters/$drafter/config.json" <<'EOF'
 import json, sys
 path = sys.argv[1]
