@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3, help="repeat everything this many times (mean ± std)")
     # At this model's size a forward costs ~1 ms and verifying 16 tokens costs half as much again, so small
-    # trees built from each drafter's head accuracies win: 12 nodes was the best size for both drafters in
-    # `amphista bench --tree-sweep 8,12,16` (the 64-node mc_sim_7b_63 is slower than vanilla here).
+    # trees built from each drafter's head accuracies win: 8-12 nodes were within a few percent of each other
+    # for both drafters in `amphista bench --tree-sweep 8,10,12`, 16 was slower, and the 64-node
+    # mc_sim_7b_63 is slower than vanilla here.
     p.add_argument(
         "--tree", default="auto", help="'auto' (built from head accuracies), a tree name or JSON file"
     )
