@@ -21,9 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3, help="repeat everything this many times (mean ± std)")
     # At this model's size a forward costs ~1 ms and verifying 16 tokens costs half as much again, so small
-    # trees built from each drafter's head accuracies win: in `amphista bench --tree-sweep 8,10,12` 8 nodes were
-    # as fast as or faster than 10 and 12 for both drafters in every run, 16 was slower, and the 64-node
-    # mc_sim_7b_63 is slower than vanilla here.
+    # trees built from each drafter's head accuracies win: in two `amphista bench --tree-sweep` runs of the
+    # shipped drafters, 8 nodes were the fastest size or within 1% of it for both drafters (against 10 and 12;
+    # 16 was slower before), and the 64-node mc_sim_7b_63 is slower than vanilla here.
     p.add_argument(
         "--tree", default="auto", help="'auto' (built from head accuracies), a tree name or JSON file"
     )
