@@ -54,9 +54,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """nn.RMSNorm: x * weight / sqrt(mean(x^2) + eps).
 
     Half precision keeps F.rms_norm's fp32 statistics. In fp32 it is written out, as F.rms_norm costs as
-    much as six separate ops on the CPU. Without autograd (drafting) it takes sqrt(mean(x^2) + eps) as
+    much as six separate ops on the CPU. Without autograd (evaluation) it takes sqrt(mean(x^2) + eps) as
     hypot(||x||, sqrt(eps * d)) / sqrt(d): the same value in five ops without Python scalars, half the
-    time of the textbook six, and a draft runs six norms per step."""
+    time of the textbook six. Drafting goes one op further by folding sqrt(d) into the norm weights it
+    gathers at reset (DecoderLayer.weights)."""
     if x.dtype != torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     if torch.is_grad_enabled():
