@@ -225,7 +225,7 @@ def build_tree(topk_acc: list[list[float]], num_nodes: int) -> TreeSpec:
 def expected_tau(tree: TreeSpec, topk_acc: list[list[float]]) -> float:
     """Expected tokens per step (bonus included) of `tree`, from measured path frequencies when `topk_acc`
     has them, else under independent heads."""
-    probs, value = _node_values(topk_acc)
+    _, value = _node_values(topk_acc)
     values = {(): 1.0}
     for path in tree.paths:  # parents come first
         values[path] = value(path, values[path[:-1]])

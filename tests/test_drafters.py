@@ -241,7 +241,7 @@ def test_sal_cache_holds_exactly_the_committed_positions(target):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_rms_norm_equals_nn_rmsnorm(dtype):
-    from amphista.drafters.layers import rms_norm
+    from amphista.drafters.layers import _norm, _norm_constants, rms_norm
 
     norm = torch.nn.RMSNorm(64, eps=1e-5).to(dtype)
     with torch.no_grad():
@@ -252,8 +252,9 @@ def test_layer_rms_norm_equals_nn_rmsnorm(dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     ref = norm(x)
     torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), ref, atol=tol, rtol=tol)  # training
-    with torch.inference_mode():  # drafting takes another formula
-        torch.testing.assert_close(rms_norm(x, norm.weight, norm.eps), ref, atol=tol, rtol=tol)
+    with torch.inference_mode():  # drafting's formula, with sqrt(d) folded into the weight as at reset
+        c, sqrt_d = _norm_constants(64, norm.eps, x.device, dtype)
+        torch.testing.assert_close(_norm(x, norm.weight * sqrt_d, c), ref, atol=tol, rtol=tol)
 
 
 def test_drafting_weights_are_gathered_at_reset(target):

@@ -63,14 +63,11 @@ class AmphistaDrafter(HeadDrafter):
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameters, and the drafting weights gathered at reset are views of
         # the old ones: drafting needs a reset again.
-        self._forget_decode_weights()
-        return super()._apply(fn, recurse)
-
-    def _forget_decode_weights(self) -> None:
         self._prepared = False
         for part in (self.sal, self.aeb):
             if part is not None:
                 part.decode_weights = None
+        return super()._apply(fn, recurse)
 
     @torch.inference_mode()
     def draft(self, hidden, next_tokens, start_pos):
