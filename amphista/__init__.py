@@ -1,39 +1,41 @@
-"""amphista: lossless speculative decoding with bi-directional multi-head drafters."""
+"""amphista: lossless speculative decoding with bi-directional multi-head drafters.
 
-from . import (
-    bench,  # noqa: F401  (amphista.bench.run_benchmark(BenchConfig(...)) after `import amphista`)
-    training,  # noqa: F401  (amphista.training.train(TrainConfig(...)) after `import amphista`)
-)
-from .bundled import load_default_drafter, load_default_target
-from .decoder import SpeculativeDecoder
-from .drafters import AmphistaConfig, AmphistaDrafter, Drafter, MedusaConfig, MedusaDrafter, load_drafter
-from .errors import AmphistaError, CheckpointError, DrafterMismatchError, InputError, TreeError
-from .generation import GenerateOutput
-from .target import TargetModel
-from .tree import TreeSpec, build_tree
-from .vanilla import VanillaDecoder, vanilla_generate
+Names are imported on first use (PEP 562), so that `import amphista` and the command line's `--help` load
+neither torch nor transformers, and the benchmark, training and serving code load only when used:
+`amphista.SpeculativeDecoder`, `amphista.bench.run_benchmark`, `amphista.training.train` all still work
+after a plain `import amphista`.
+"""
+
+from __future__ import annotations
+
+from ._lazy import lazy_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AmphistaConfig",
-    "AmphistaDrafter",
-    "MedusaConfig",
-    "MedusaDrafter",
-    "load_default_drafter",
-    "load_drafter",
-    "AmphistaError",
-    "Drafter",
-    "GenerateOutput",
-    "SpeculativeDecoder",
-    "TreeSpec",
-    "VanillaDecoder",
-    "build_tree",
-    "vanilla_generate",
-    "load_default_target",
-    "CheckpointError",
-    "DrafterMismatchError",
-    "InputError",
-    "TargetModel",
-    "TreeError",
-]
+# name -> the submodule that defines it
+_EXPORTS = {
+    "load_default_drafter": "bundled",
+    "load_default_target": "bundled",
+    "SpeculativeDecoder": "decoder",
+    "AmphistaConfig": "drafters",
+    "AmphistaDrafter": "drafters",
+    "Drafter": "drafters",
+    "MedusaConfig": "drafters",
+    "MedusaDrafter": "drafters",
+    "load_drafter": "drafters",
+    "AmphistaError": "errors",
+    "CheckpointError": "errors",
+    "DrafterMismatchError": "errors",
+    "InputError": "errors",
+    "TreeError": "errors",
+    "GenerateOutput": "generation",
+    "TargetModel": "target",
+    "TreeSpec": "tree",
+    "build_tree": "tree",
+    "VanillaDecoder": "vanilla",
+    "vanilla_generate": "vanilla",
+}
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import CheckpointError, InputError
 
@@ -178,6 +177,7 @@ def hf_config(cfg: Llama2cConfig):
 
 def load_llama2c_model(path: str | os.PathLike):
     """A llama2.c v0 checkpoint as an eval-mode float32 `LlamaForCausalLM`."""
+    import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
     cfg, w = read_checkpoint(path)

@@ -2,7 +2,8 @@
 
 Each layer owns (1, H, max_len, D) buffers written by position index (as in gpt-fast), so accepting a
 path costs a copy of a few rows and rejecting costs nothing. The model sees only the filled prefix, so
-attention never runs over empty slots. It plugs into any `transformers` model as `past_key_values`.
+attention never runs over empty slots. It plugs into any `transformers` model as its
+`cache` (`past_key_values` before transformers 5.24).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ and our `TreeCache` through the model's ordinary forward; no modeling file is fo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,13 @@ AttentionMaskInterface.register("amphista_sdpa", sdpa_mask)
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def cache_keyword(module: nn.Module) -> str:
+    """The name under which `module.forward` takes a KV cache: `cache` since transformers 5.24, which
+    deprecates `past_key_values` (removed in 5.40); `past_key_values` before."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def decode_attention(device: torch.device):
     """Context for decode-time forwards: every SDPA back-end but cuDNN's on CUDA; nothing on CPU."""
     return sdpa_kernel(_DECODE_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
@@ -82,6 +90,7 @@ class TargetModel:
         )
         self.text_config = text_config
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self._cache_kwarg = cache_keyword(self.base)
         self.lm_head = model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
         self.vocab_size = int(self.lm_head.weight.shape[0])
@@ -168,8 +177,8 @@ class TargetModel:
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **{self._cache_kwarg: cache},
             )
         hidden = out.last_hidden_state  # (1, q, d)
         sel = hidden if logits_at is None else hidden[:, logits_at]

@@ -11,7 +11,7 @@ import amphista
 from amphista.decoder import TreeMask
 from amphista.drafters import OracleDrafter
 from amphista.kv_cache import TreeCache
-from amphista.target import TargetModel
+from amphista.target import TargetModel, cache_keyword
 from amphista.tree import TreeBuffers, TreeSpec
 
 
@@ -72,7 +72,7 @@ def test_compacted_cache_equals_fresh_forward(arch):
     assert cache.length == len(seq) - 1
     fresh = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.tensor([seq[:-1]]), past_key_values=fresh, use_cache=True)
+        model(torch.tensor([seq[:-1]]), use_cache=True, **{cache_keyword(model): fresh})
     for layer, ref_layer in zip(cache.layers, fresh.layers):
         # Sliding-window layers of the reference keep only their window; ours keep everything.
         n = ref_layer.keys.shape[2]

@@ -6,14 +6,17 @@
 See docs/benchmark.md for what each number means.
 """
 
-from .questions import Question, default_questions_path, load_questions
-from .runner import BenchConfig, benchmark, run_benchmark
+from __future__ import annotations
 
-__all__ = [
-    "BenchConfig",
-    "benchmark",
-    "Question",
-    "default_questions_path",
-    "load_questions",
-    "run_benchmark",
-]
+from .._lazy import lazy_module
+
+_EXPORTS = {
+    "Question": "questions",
+    "default_questions_path": "questions",
+    "load_questions": "questions",
+    "BenchConfig": "runner",
+    "benchmark": "runner",
+    "run_benchmark": "runner",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)

@@ -4,25 +4,24 @@
     train(TrainConfig(target="path/to/model", data=["chats.jsonl"], drafter="amphista", out="runs/d1"))
 """
 
-from .config import TrainConfig, apply_overrides
-from .data import DataReport, Example, load_examples
-from .distillation import DistillConfig, distill
-from .evaluate import format_table, head_accuracy
-from .losses import DraftLoss, head_weights
-from .trainer import TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "DataReport",
-    "DistillConfig",
-    "DraftLoss",
-    "Example",
-    "TrainConfig",
-    "TrainResult",
-    "apply_overrides",
-    "distill",
-    "format_table",
-    "head_accuracy",
-    "head_weights",
-    "load_examples",
-    "train",
-]
+from .._lazy import lazy_module
+
+_EXPORTS = {
+    "TrainConfig": "config",
+    "apply_overrides": "config",
+    "DataReport": "data",
+    "Example": "data",
+    "load_examples": "data",
+    "DistillConfig": "distillation",
+    "distill": "distillation",
+    "format_table": "evaluate",
+    "head_accuracy": "evaluate",
+    "DraftLoss": "losses",
+    "head_weights": "losses",
+    "TrainResult": "trainer",
+    "train": "trainer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_module(__name__, _EXPORTS)
