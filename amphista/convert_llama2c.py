@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, InputError
+from .files import default_permissions
 
 HEADER = struct.Struct("<7i")
 # llama2.c's versioned exports (export.py --version 1, 2) start with this magic; their layout differs.
@@ -328,7 +329,7 @@ def convert(
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _default_permissions(tmp)
+        default_permissions(tmp)  # mkdtemp and safetensors create owner-only files
         if out.exists():
             # Swap in two renames so that `out` is never half-written; the old copy goes last.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
@@ -341,15 +342,6 @@ def convert(
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
-
-
-def _default_permissions(root: Path) -> None:
-    """mkdtemp (and safetensors) create owner-only files; give the result the modes a plain mkdir would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for path in root.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _run(args: argparse.Namespace) -> int:

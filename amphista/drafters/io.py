@@ -6,15 +6,14 @@ borrowed embedding table and shared lm_head are never saved: they come from the 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..files import atomic_path, atomic_write_text
 from .amphista import AmphistaDrafter
 from .common import HeadDrafter
 from .medusa import MedusaDrafter
@@ -25,8 +24,13 @@ DRAFTERS: dict[str, type[HeadDrafter]] = {cls.drafter_type: cls for cls in (Medu
 
 
 def save_drafter(drafter: HeadDrafter, path) -> None:
-    """Write into a temporary sibling folder, then rename it into place: a crash never leaves a
-    half-written checkpoint under `path`."""
+    """Write config.json, model.safetensors and README.md into the folder `path`, as Hugging Face's
+    save_pretrained does: the folder is created if needed, each of these files is written to a temporary
+    file beside it and renamed into place (a crash leaves the previous file, never a half-written one),
+    and every other file and subfolder in `path` is left alone.
+
+    README.md is written only when absent or when it is the unedited card an earlier save wrote; a
+    README.md of your own, or a card you edited, is kept as it is."""
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -34,7 +38,6 @@ def save_drafter(drafter: HeadDrafter, path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a directory: choose a folder to save the drafter in")
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "drafter_type": drafter.drafter_type,
@@ -43,23 +46,41 @@ def save_drafter(drafter: HeadDrafter, path) -> None:
         "dtype": str(drafter.dtype).removeprefix("torch."),
         "amphista_version": __version__,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CARD_NAME).write_text(model_card(meta, sum(t.numel() for t in tensors.values())))
-        if path.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        path.mkdir(parents=True, exist_ok=True)
+        # Weights first: they are the write most likely to fail (a full disk), and then nothing has
+        # changed. A crash between two renames leaves an old and a new file, which load_drafter reports
+        # when they do not fit together.
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+        card = path / CARD_NAME
+        if not card.exists() or _is_unedited_card(card):
+            atomic_write_text(card, model_card(meta, sum(t.numel() for t in tensors.values())))
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot save the drafter in {path} ({e}): free some disk space or choose a folder you can write to"
+        ) from e
+
+
+CARD_MARK = "<!-- amphista model card, sha256 "
+
+
+def _signed(card: str) -> str:
+    """Sign a generated card so that a later save can tell it from one a person wrote or edited."""
+    return f"{card}\n{CARD_MARK}{hashlib.sha256(card.encode()).hexdigest()} -->\n"
+
+
+def _is_unedited_card(file: Path) -> bool:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, sep, last = text.rstrip("\n").rpartition("\n")
+    if not sep or not last.startswith(CARD_MARK):
+        return False
+    return _signed(body) == text
 
 
 def read_config(path) -> dict:
@@ -131,6 +152,10 @@ def load_drafter(path, target=None, *, device=None, dtype=None) -> HeadDrafter:
 
 
 def model_card(meta: dict, num_params: int) -> str:
+    return _signed(_card_text(meta, num_params))
+
+
+def _card_text(meta: dict, num_params: int) -> str:
     bf = meta["built_for"]
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in meta["config"].items())
     name = meta["drafter_type"].capitalize()

@@ -11,33 +11,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 from ..errors import CheckpointError
+from ..files import atomic_write, atomic_write_json, default_permissions, fsync_dir  # noqa: F401 (re-exported)
 
 PATTERN = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
-
-
-def atomic_write(path: str, write) -> None:
-    """Call write(file object) on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path: str, data) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def checkpoint_dir(out: str) -> str:
@@ -89,8 +68,10 @@ def save_state(accelerator, out: str, step: int, info: dict, keep: int = 2) -> s
             if os.path.isfile(os.path.join(tmp, name)):
                 with open(os.path.join(tmp, name), "rb") as f:
                     os.fsync(f.fileno())
+        default_permissions(tmp)  # accelerate's safetensors files are owner-only whatever the umask
         shutil.rmtree(final, ignore_errors=True)  # only when re-saving the same step after a resume
         os.rename(tmp, final)
+        fsync_dir(folder)
         if keep > 0:
             for old in list_checkpoints(out)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 
@@ -99,13 +98,9 @@ class MetricsLog:
 
 
 def save_outputs(cfg, drafter, accuracy: dict | None, steps: int) -> None:
-    """Write the drafter, its training config and head accuracies into cfg.out, each file atomically."""
-    tmp = os.path.join(cfg.out, ".drafter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    drafter.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(cfg.out, name))
-    os.rmdir(tmp)
+    """Write the drafter, its training config and head accuracies into cfg.out, each file atomically;
+    checkpoints/, metrics.jsonl and anything else already there stay."""
+    drafter.save_pretrained(cfg.out)
     drafter_cfg = getattr(drafter, "config", None)
     drafter_cfg = drafter_cfg.to_dict() if hasattr(drafter_cfg, "to_dict") else cfg.drafter_config
     atomic_write_json(
