@@ -128,7 +128,8 @@ class HeadDrafter(Drafter):
         return groups
 
     def save_pretrained(self, path) -> None:
-        """config.json + model.safetensors + README.md, written atomically."""
+        """Write config.json, model.safetensors and README.md (only when absent or an unedited card of ours)
+        into the folder `path`, each file atomically; every other file and subfolder there is kept."""
         from .io import save_drafter
 
         save_drafter(self, path)
