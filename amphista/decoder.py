@@ -58,7 +58,27 @@ class TreeMask:
 
 
 class SpeculativeDecoder(Decoder):
-    """`SpeculativeDecoder(target, drafter, tree="mc_sim_7b_63").generate(input_ids, max_new_tokens=128)`."""
+    """Lossless speculative decoding of a Hugging Face causal LM with a multi-head drafter.
+
+    `SpeculativeDecoder(target, drafter, tree="mc_sim_7b_63").generate(input_ids, max_new_tokens=128)`.
+    Each step the drafter proposes a tree of tokens and the target verifies the whole tree in one forward:
+    greedy output is identical to plain decoding, and sampled output follows the target's distribution
+    exactly (with the default acceptance="exact").
+
+    Args:
+        target: a Hugging Face causal LM (or a TargetModel wrapping one), one sequence at a time.
+        drafter: a Drafter built for this target (AmphistaDrafter, MedusaDrafter, or one from
+            amphista.load_drafter); a drafter for another vocabulary or hidden size raises
+            DrafterMismatchError.
+        tree: the token tree verified per step: a name ("mc_sim_7b_63", default, or "chain": one token per
+            head), a JSON file of paths, a list of paths such as [[0], [1], [0, 0]] (each path the draft
+            ranks from the root), or a TreeSpec. No deeper than the drafter has heads; see
+            amphista.build_tree for a tree fitted to a drafter's accuracies. `set_tree` changes it later.
+        tokenizer: used for stop strings; default None: the tokenizer the target was loaded with, if any.
+
+    `generate` and `stream` take the keywords listed in `help(SpeculativeDecoder.generate)`; each returned
+    GenerateOutput also reports `accept_lengths` and `tau`, the mean tokens per target forward.
+    """
 
     def __init__(self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None):
         super().__init__(target, tokenizer)
@@ -84,6 +104,7 @@ class SpeculativeDecoder(Decoder):
                 self.window = None
 
     def set_tree(self, tree) -> None:
+        """Verify with another token tree from now on (same forms as the constructor's `tree`)."""
         spec = TreeSpec.load(tree, self.drafter.num_heads)
         if spec.depth > self.drafter.num_heads:
             raise TreeError(

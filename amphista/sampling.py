@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -11,11 +12,26 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is drawn from the target's logits; checked once, when a request is built.
+
+    temperature: 0 decodes greedily (argmax), > 0 divides the logits before the softmax.
+    top_p: nucleus sampling, keep the most likely tokens until their mass reaches top_p, in (0, 1].
+    top_k: keep the top_k most likely tokens; 0 turns it off.
+    """
+
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InputError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise InputError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
         if not (self.temperature >= 0.0):
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from .errors import InputError
+
 
 class StopChecker:
+    """Cuts the new tokens at the first EOS id, completed stop string or max_new_tokens, whichever is first."""
+
     def __init__(self, eos_ids, stop_strings, tokenizer, max_new_tokens: int):
         self.eos = set(eos_ids or [])
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if stop_strings is not None and (
+            not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) for s in stop_strings)
+        ):
+            raise InputError(f"stop_strings must be a string or a list of strings, got {stop_strings!r}")
         self.stop_strings = [s for s in (stop_strings or []) if s]
         if self.stop_strings and tokenizer is None:
-            from .errors import InputError
-
             raise InputError(
-                "stop strings need a tokenizer: pass tokenizer= to the decoder or load the target from a folder"
+                "stop strings need a tokenizer: pass tokenizer= to generate or to the decoder, or load the target "
+                "from a folder"
             )
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens

@@ -7,12 +7,23 @@ from collections.abc import Iterator
 
 import torch
 
-from .generation import Decoder, GenerateOutput, Request, sync
+from .generation import _KEYWORDS_DOC, GENERATE_KEYWORDS, Decoder, GenerateOutput, Request, sync
 from .sampling import sample, target_probs
 
 
 class VanillaDecoder(Decoder):
-    """One target forward per token, through the same cache and stopping rules as the speculative loop."""
+    """Plain decoding, one target forward per token, with the same interface as SpeculativeDecoder.
+
+    `VanillaDecoder(target, tokenizer=None).generate(input_ids, max_new_tokens=128)`: the baseline for A/B
+    comparisons. It shares the speculative loop's KV cache, sampling and stopping rules, so both give the same
+    greedy output, and the same distribution when sampling.
+
+    Args:
+        target: a Hugging Face causal LM (or a TargetModel wrapping one).
+        tokenizer: used for stop strings; default None: the tokenizer the target was loaded with, if any.
+
+    `generate` and `stream` take the keywords listed in `help(VanillaDecoder.generate)`.
+    """
 
     @torch.inference_mode()
     def _run(self, request: Request) -> Iterator[list[int]]:
@@ -46,6 +57,36 @@ class VanillaDecoder(Decoder):
             ids = torch.tensor([[tok]], device=device)
 
 
-def vanilla_generate(target, input_ids, **kwargs) -> GenerateOutput:
-    """Plain decoding: `amphista.vanilla_generate(target, input_ids, max_new_tokens=..., temperature=...)`."""
-    return VanillaDecoder(target, kwargs.pop("tokenizer", None)).generate(input_ids, **kwargs)
+def vanilla_generate(
+    target,
+    input_ids,
+    *,
+    attention_mask=None,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    stop_strings: str | list[str] | None = None,
+    seed: int | None = None,
+    acceptance: str = "exact",
+    generation_config=None,
+    tokenizer=None,
+    pad_token_id: int | None = None,
+    **kwargs,
+) -> GenerateOutput:
+    args = locals()
+    options = {name: args[name] for name in GENERATE_KEYWORDS}
+    return VanillaDecoder(target, tokenizer).generate(input_ids, **options, **kwargs)
+
+
+vanilla_generate.__doc__ = (
+    """Plain decoding in one call: `amphista.vanilla_generate(target, input_ids, max_new_tokens=...)`.
+
+        `target` is a Hugging Face causal LM (or a TargetModel); the rest is `VanillaDecoder(target,
+        tokenizer).generate(input_ids, ...)`.
+"""
+    + _KEYWORDS_DOC
+)

@@ -85,6 +85,11 @@ def test_max_new_tokens_and_context_window(llama):
         (dict(input_ids=[1, 2], temperature=-1.0), "temperature"),
         (dict(input_ids=[1, 2], temperature=1.0, top_p=0.0), "top_p"),
         (dict(input_ids=[1, 2], stop_strings=["x"]), "stop strings need a tokenizer"),
+        (dict(input_ids=torch.ones(1, 3)), "integer tensor of token ids, got dtype torch.float32"),
+        (dict(input_ids=[1, 2], seed=2**70), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\]"),
+        (dict(input_ids=[1, 2], max_length=2), "max_length=2 counts the prompt too"),
+        (dict(input_ids=[1, 2], attention_mask=[0, 1]), "padding is not supported"),
+        (dict(input_ids=[1, 2], num_beams=2), "unsupported keyword argument 'num_beams'"),
     ],
 )
 def test_bad_requests_raise_clear_errors(llama, kwargs, match):

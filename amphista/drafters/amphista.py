@@ -20,6 +20,21 @@ from .sal import StagedAdaptation
 
 
 class AmphistaDrafter(HeadDrafter):
+    """The Amphista drafter: K heads that see the tokens committed so far (SAL) and each other (AEB).
+
+    Build an untrained one for a target with `AmphistaDrafter.for_target(target, num_heads=4, **options)`
+    (options are AmphistaConfig fields, e.g. `sal_stages=2, aeb_layers=1`), train it with
+    `amphista.training.train`, save it with `save_pretrained(folder)` and load it back with
+    `amphista.load_drafter(folder, target)`. Then `SpeculativeDecoder(target, drafter).generate(...)`.
+
+    Args:
+        config: an AmphistaConfig; `for_target` fills the target-dependent fields for you.
+
+    The target's embedding table and lm_head are borrowed, not stored: a loaded drafter needs
+    `attach(target)` (the decoder and load_drafter(path, target) do it). Before drafting a new sequence,
+    call `reset(max_length)`; the decoder does this too.
+    """
+
     drafter_type = "amphista"
     config_class = AmphistaConfig
 

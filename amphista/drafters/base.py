@@ -20,7 +20,13 @@ from ..errors import DrafterMismatchError
 
 
 class Drafter(nn.Module):
-    """Base class. Subclasses set `num_heads`, `hidden_size`, `vocab_size` and implement `draft`."""
+    """What SpeculativeDecoder needs from a drafter; subclass it to plug in your own.
+
+    Subclasses set `num_heads` (K, the number of tokens drafted ahead), `hidden_size` and `vocab_size` (the
+    target's), and implement `draft`; `reset` and `attach` have working defaults. The contract is in this
+    module's docstring. AmphistaDrafter and MedusaDrafter are the trained ones; amphista.drafters also has
+    OracleDrafter and RandomDrafter for tests.
+    """
 
     num_heads: int
     hidden_size: int
@@ -43,6 +49,7 @@ class Drafter(nn.Module):
         self.check_compatible(target.vocab_size, target.hidden_size)
 
     def check_compatible(self, vocab_size: int, hidden_size: int) -> None:
+        """Raise DrafterMismatchError unless the target's vocabulary and hidden sizes are this drafter's."""
         if self.vocab_size != vocab_size:
             raise DrafterMismatchError(
                 f"the drafter was built for a vocabulary of {self.vocab_size} tokens but the target has "

@@ -72,6 +72,23 @@ class _Config:
 
 @dataclass
 class MedusaConfig(_Config):
+    """Everything needed to build a MedusaDrafter; saved as config.json next to its weights.
+
+    Build it with `MedusaConfig.from_target(target, num_heads=4, ...)`, which copies hidden_size,
+    vocab_size, head_bias and rms_norm_eps from the target, or let `MedusaDrafter.for_target` do it.
+
+    Args:
+        hidden_size: the target's hidden size.
+        vocab_size: the target's vocabulary size.
+        num_heads: tokens drafted ahead, one head each. Default 4.
+        num_layers: ResBlocks per head (none shared). Default 1.
+        shared_lm_head: True: every head ends in the target's frozen lm_head instead of its own trained
+            copy (far fewer parameters). Default False.
+        head_norm: an RMSNorm before the shared lm_head (ignored with separate heads). Default True.
+        head_bias: the target's lm_head has a bias, copied into separate heads. Default False.
+        rms_norm_eps: epsilon of the RMSNorms. Default 1e-6.
+    """
+
     hidden_size: int
     vocab_size: int
     num_heads: int = 4
@@ -89,6 +106,44 @@ class MedusaConfig(_Config):
 
 @dataclass
 class AmphistaConfig(_Config):
+    """Everything needed to build an AmphistaDrafter, every ablation of the paper included; saved as
+    config.json next to its weights.
+
+    Build it with `AmphistaConfig.from_target(target, num_heads=4, ...)`, which copies the target-dependent
+    fields (hidden_size, vocab_size, intermediate_size, head_dim, rope_theta, rms_norm_eps, head_bias), or
+    let `AmphistaDrafter.for_target` do it. docs/drafters.md discusses the knobs.
+
+    Args:
+        hidden_size: the target's hidden size.
+        vocab_size: the target's vocabulary size.
+        num_heads: tokens drafted ahead, one head each. Default 4.
+        resblock_layers: ResBlocks per head. Default 1.
+        use_sal: the Staged Adaptation Layers, causal attention over the committed tokens; False gives
+            Medusa plus the AEB. Default True.
+        sal_stages: SAL layers. Default 2.
+        sal_variant: how the sampled token's embedding enters the stages: "refuse" (default, re-fused at
+            every stage), "token_once" (first stage only) or "split" (the first stage feeds the near heads,
+            the last the far heads).
+        aeb_layers: Auto-embedding Block layers, where the heads attend to each other; 0 drops the AEB
+            (Medusa plus SAL). Default 1.
+        position_embedding: positions inside the SAL: "learned" (default), "sinusoidal", "rotary" or
+            "none".
+        shared_lm_head: True: every head ends in the target's frozen lm_head instead of its own trained
+            copy. Default False.
+        head_norm: an RMSNorm before the shared lm_head (ignored with separate heads). Default True.
+        head_bias: the target's lm_head has a bias, copied into separate heads. Default False.
+        sal_width: width of the SAL layers; None (default) is hidden_size, smaller widths add in/out
+            projections.
+        aeb_width: width of the AEB layers, as sal_width. Default None.
+        intermediate_size: the SwiGLU size at full width, scaled down with the widths. Default None: 8/3
+            of hidden_size rounded up to 32 (from_target copies the target's).
+        head_dim: attention head size. Default None: 64, or the largest of 32/16/8 dividing both widths
+            (from_target copies the target's).
+        rope_theta: rotary base, for position_embedding="rotary" (from_target copies the target's).
+            Default 10000.0.
+        rms_norm_eps: epsilon of the RMSNorms. Default 1e-6.
+    """
+
     hidden_size: int
     vocab_size: int
     num_heads: int = 4

@@ -10,6 +10,17 @@ from .heads import ResBlocks, VocabProjection
 
 
 class MedusaDrafter(HeadDrafter):
+    """The Medusa drafter: K independent heads, each a stack of ResBlocks and a vocabulary head, on the
+    target's last hidden state. The baseline Amphista is measured against.
+
+    Build an untrained one with `MedusaDrafter.for_target(target, num_heads=4, **options)` (options are
+    MedusaConfig fields, e.g. `num_layers=1, shared_lm_head=False`), train it with `amphista.training.train`,
+    save it with `save_pretrained(folder)` and load it back with `amphista.load_drafter(folder, target)`.
+
+    Args:
+        config: a MedusaConfig; `for_target` fills the target-dependent fields for you.
+    """
+
     drafter_type = "medusa"
     config_class = MedusaConfig
 
