@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import socket
 import threading
 import time
@@ -18,8 +19,11 @@ import uvicorn
 
 import amphista
 from amphista.serve import create_app
+from amphista.serve.app import MAX_RETRY_AFTER, retry_after
 from amphista.serve.chat import PLAIN_STOP, chat_prompt, encode
 from amphista.serve.loading import resolve_tree
+from amphista.serve.metrics import Metrics
+from amphista.serve.protocol import MAX_JSON_DEPTH
 from amphista.serve.textstream import continuation_text
 from amphista.serve.worker import Job
 
@@ -168,7 +172,14 @@ def _chat(messages):
     return json.dumps({"model": "stories260K", "messages": messages}).encode()
 
 
+def _chat_with(**kw):
+    return json.dumps(
+        {"model": "stories260K", "messages": [{"role": "user", "content": "Hi"}], **kw}
+    ).encode()
+
+
 IMAGE = [{"type": "image_url", "image_url": {"url": "http://x"}}]
+DEEP = b"[" * 2000 + b"]" * 2000  # Python's json recursion limit is about 1,000 levels
 BAD = [  # (path, body, status, param or code)
     ("/v1/completions", b"{not json", 400, "invalid_json"),
     ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
@@ -196,6 +207,16 @@ BAD = [  # (path, body, status, param or code)
     ("/v1/chat/completions", _chat("hi"), 422, "messages"),
     ("/v1/chat/completions", _chat([{"role": "robot", "content": "x"}]), 400, "messages"),
     ("/v1/chat/completions", _chat([{"role": "user", "content": IMAGE}]), 400, "messages[0].content"),
+    ("/v1/completions", b'{"model": "stories260K", "prompt": ' + DEEP + b"}", 400, "invalid_json"),
+    ("/v1/chat/completions", b'{"frobnicate": ' + DEEP + b"}", 400, "invalid_json"),
+    ("/v1/completions", DEEP, 400, "invalid_json"),
+    ("/v1/completions", _body(frobnicate=1), 400, "frobnicate"),
+    ("/v1/completions", _body(best_of=2), 400, "best_of"),
+    ("/v1/completions", _body(response_format={"type": "json_object"}), 400, "response_format"),
+    ("/v1/chat/completions", _chat_with(response_format={"type": "json_object"}), 400, "response_format"),
+    ("/v1/chat/completions", _chat_with(frobnicate=True), 400, "frobnicate"),
+    ("/v1/chat/completions", _chat_with(best_of=2), 400, "best_of"),  # a completions-only field
+    ("/v1/chat/completions", _chat_with(tools=[{"type": "function"}]), 400, "tools"),
 ]
 
 
@@ -216,9 +237,48 @@ def test_bad_input_gets_its_status_and_an_openai_error_body(server):
         client(url).completions.create(model="nope", prompt="x", max_tokens=2)
 
 
+def test_unknown_fields_are_named_and_fields_that_ask_for_nothing_pass(server):
+    url, _ = server
+    with httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
+        err = http.post("/v1/completions", content=_body(frobnicate=1, zzz=2)).json()["error"]
+        assert "unknown fields frobnicate, zzz" in err["message"] and err["code"] == "unknown_field"
+        assert "Supported fields: echo, frequency_penalty, max_tokens, model," in err["message"]
+        err = http.post("/v1/completions", content=_body(best_of=3, logprobs=0)).json()["error"]
+        assert "best_of, logprobs are not supported" in err["message"] and err["code"] == "unsupported_field"
+        err = http.post("/v1/chat/completions", content=_chat_with(response_format={"type": "json_object"}))
+        assert "response_format is not supported" in err.json()["error"]["message"]
+        assert "messages" in err.json()["error"]["message"]  # the supported list is the chat endpoint's
+        # The values that ask for nothing, as some clients send them whatever the caller asked.
+        off = dict(n=1, logprobs=None, best_of=1, logit_bias={}, suffix=None, user="u", frequency_penalty=0.0)
+        assert http.post("/v1/completions", content=_body(**off)).status_code == 200
+        off = dict(
+            n=1,
+            logprobs=False,
+            top_logprobs=0,
+            tools=[],
+            tool_choice="none",
+            parallel_tool_calls=True,
+            response_format={"type": "text"},
+            store=False,
+            metadata={"team": "a"},
+            safety_identifier="h",
+            max_tokens=2,
+        )
+        assert http.post("/v1/chat/completions", content=_chat_with(**off)).status_code == 200
+        # Brackets inside strings are text, not nesting.
+        r = http.post("/v1/completions", content=_body(prompt="[" * (MAX_JSON_DEPTH + 10), max_tokens=2))
+        assert r.status_code == 200, r.text
+        nested = json.loads(_chat_with())
+        nested["messages"][0]["content"] = [{"type": "text", "text": "Hi"}]  # deepest legitimate shape
+        assert http.post("/v1/chat/completions", json={**nested, "max_tokens": 2}).status_code == 200
+
+
 def test_api_key_on_every_endpoint_but_health(server):
     url, _ = server
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for scheme in ("Bearer", "bearer", "BEARER", "Bearer "):  # RFC 7235: the scheme is case-insensitive
+        assert httpx.get(url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    wrong = ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"})
+    for headers in wrong + ({"Authorization": f"Bearer{KEY}"}, {"Authorization": f"Bearer {KEY}x"}):
         for path in ("/v1/models", "/metrics", "/v1/completions", "/v1/chat/completions", "/nowhere"):
             r = httpx.request(
                 "GET" if "com" not in path else "POST", url + path, headers=headers, content=_body()
@@ -254,6 +314,9 @@ def _rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+POOL_THREAD = "AnyIO worker thread"
+
+
 def test_32_concurrent_clients_mixed_streaming(server, refs, target):
     url, app = server
     threads, rss = [], []
@@ -261,9 +324,12 @@ def test_32_concurrent_clients_mixed_streaming(server, refs, target):
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda i: _one(url, i, target, refs), range(32)))
         gc.collect()
-        threads.append(threading.active_count())
+        threads.append(sum(t.name != POOL_THREAD for t in threading.enumerate()))
         rss.append(_rss_mb())
     assert threads[0] == threads[-1], threads
+    # Request preparation runs in anyio's pool, which keeps idle threads and grows with the overlap of
+    # requests, up to its limit; any other new thread would be a leak.
+    assert sum(t.name == POOL_THREAD for t in threading.enumerate()) <= 40
     assert rss[-1] - rss[0] < 25, rss
     assert not [o for o in gc.get_objects() if type(o) is Job]
     assert app.state.worker.depth == 0 and app.state.worker.alive()
@@ -358,6 +424,7 @@ def test_errors_stay_with_their_request_and_a_full_queue_says_503(target, refs):
             time.sleep(0.01)
         full = post({"prompt": "x"})
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
+        assert full.headers["Retry-After"] == "1"  # no generation has finished yet: no estimate
         decoder.gate.set()
         assert good.result().json()["choices"][0]["text"] == expected(target.tokenizer, refs, PROMPTS[1], 6)
         assert bad.result().status_code == 500 and "decoder broke" in bad.result().json()["error"]["message"]
@@ -368,3 +435,94 @@ def test_errors_stay_with_their_request_and_a_full_queue_says_503(target, refs):
             == good.result().json()["choices"][0]["text"]
         )
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_retry_after_is_about_one_recent_generation():
+    metrics = Metrics(1)
+    assert retry_after(metrics) == 1
+    for seconds in (2.0, 3.0):
+        metrics.finish("length", 10, seconds)
+    assert retry_after(metrics) == 3  # 2.5 s, rounded up
+    metrics.finish("length", 10, 10_000.0)
+    assert retry_after(metrics) == MAX_RETRY_AFTER
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_that_leaves_while_uploading_is_no_server_error(server):
+    url, _ = server
+    records, ours = Records(), logging.getLogger("amphista.serve")
+    loggers = [logging.getLogger(n) for n in ("uvicorn", "")]  # uvicorn's loggers do not propagate to root
+    for lg in loggers:
+        lg.addHandler(records)
+    level, _ = ours.level, ours.setLevel(logging.INFO)
+    try:
+        left = 'amphista_requests_total{endpoint="/v1/completions",code="499"}'
+        before = _metric_or_zero(url, left)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100000\r\n\r\n"
+                b'{"model": "stories260K", "prompt": "Once'
+            )
+        deadline = time.time() + 30  # a bound on the wait, not on the speed: the count arrives or never does
+        while _metric_or_zero(url, left) == before and time.time() < deadline:
+            time.sleep(0.05)
+        assert _metric_or_zero(url, left) == before + 1
+        assert 'endpoint="/v1/completions",code="500"' not in httpx.get(url + "/metrics", headers=AUTH).text
+    finally:
+        ours.setLevel(level)
+        for lg in loggers:
+            lg.removeHandler(records)
+    assert not [r for r in records.records if r.exc_info or r.levelno >= logging.WARNING], records.records
+    assert ["disconnected" in r.getMessage() for r in records.records if r.name == ours.name] == [True]
+
+
+def _metric_or_zero(url, line_start) -> float:
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    return next((float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line_start)), 0.0)
+
+
+class BlockingTokenizer:
+    """The model's tokenizer, except that encoding a text containing "BLOCK" waits for `release`."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.entered, self.release, self.returned = threading.Event(), threading.Event(), threading.Event()
+
+    def __call__(self, text, *args, **kwargs):
+        if "BLOCK" in text:
+            self.entered.set()
+            self.release.wait(30)
+            self.returned.set()
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_tokenizing_does_not_block_other_clients(target):
+    tok = BlockingTokenizer(target.tokenizer)
+    app = create_app(amphista.VanillaDecoder(target, tokenizer=tok))
+    requests = [
+        ("/v1/completions", {"prompt": "BLOCK Once upon a time"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "BLOCK Hello"}]}),
+    ]
+    with Server(app) as url, ThreadPoolExecutor(1) as pool:
+        for path, body in requests:
+            tok.entered.clear(), tok.release.clear(), tok.returned.clear()
+            body = {"model": "stories260K", "max_tokens": 2, **body}
+            pending = pool.submit(httpx.post, url + path, json=body, timeout=120)
+            assert tok.entered.wait(60), "the request never reached the tokenizer"
+            assert httpx.get(url + "/health", timeout=120).json()["status"] == "ok"
+            # Ordering, not speed: /health answered while the tokenizer still held the other request.
+            assert not tok.returned.is_set(), path
+            tok.release.set()
+            assert pending.result().status_code == 200, pending.result().text

@@ -1,16 +1,20 @@
 """The OpenAI-compatible HTTP server: `create_app(decoder_or_target, drafter=None, ...) -> FastAPI`.
 
-Handlers validate, tokenize and enqueue; the `Worker` thread decodes. See docs/serving.md.
+Handlers read the body on the event loop, then parse, tokenize and check it in a thread (a 1 MiB prompt
+takes a tokenizer long enough to stall every other client, /health included), and enqueue; the `Worker`
+thread decodes. See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoder import SpeculativeDecoder
@@ -27,6 +31,7 @@ from .textstream import TextStream
 from .worker import Job, QueueFull, Worker
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+MAX_RETRY_AFTER = 60  # seconds; a longer estimate would only keep a client away from a queue that has room
 
 
 def build_decoder(decoder_or_target, drafter=None, tree="mc_sim_7b_63") -> Decoder:
@@ -84,7 +89,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), exc.status)
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -169,8 +174,9 @@ def create_app(
             seed=req.seed,
         )
 
-    async def handle(request: Request, chat: bool):
-        req = parse(ChatRequest if chat else CompletionRequest, await read_body(request))
+    def prepare(raw: bytes, chat: bool):
+        """The CPU-heavy part of a request (JSON, chat template, tokenizer), run off the event loop."""
+        req = parse(ChatRequest if chat else CompletionRequest, raw)
         if req.model != name:
             raise APIError(
                 404,
@@ -194,7 +200,10 @@ def create_app(
             requested, default = req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS
             if req.echo:
                 echo = p if isinstance(p, str) else tokenizer.decode(prompt, skip_special_tokens=True)
-        kwargs = generation_args(req, prompt, stops, requested, default)
+        return req, prompt, stops, echo, generation_args(req, prompt, stops, requested, default)
+
+    async def handle(request: Request, chat: bool):
+        req, prompt, stops, echo, kwargs = await run_in_threadpool(prepare, await read_body(request), chat)
         job = Job(
             prompt, kwargs, TextStream(tokenizer, prompt, stops, lstrip=chat), asyncio.get_running_loop()
         )
@@ -202,7 +211,11 @@ def create_app(
             worker.submit(job)
         except QueueFull as e:
             raise APIError(
-                503, f"the server is busy ({e}); retry later", type="server_error", code="queue_full"
+                503,
+                f"the server is busy ({e}); retry later",
+                type="server_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after(metrics))},
             ) from None
         shapes = Shapes(chat, name)
         if req.stream:
@@ -265,6 +278,12 @@ def create_app(
         return await handle(request, chat=True)
 
     return app
+
+
+def retry_after(metrics: Metrics) -> int:
+    """Seconds a client turned away by a full queue should wait: a place frees when the running generation
+    ends, which takes about as long as a recent generation did (1 to MAX_RETRY_AFTER)."""
+    return min(MAX_RETRY_AFTER, max(1, math.ceil(metrics.mean_generation_seconds())))
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -7,11 +7,16 @@ disconnect from the streaming and waiting handlers that need to see it.
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from .metrics import Metrics
 from .protocol import APIError
+
+log = logging.getLogger("amphista.serve")
+CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody receives it, metrics count it
 
 
 class Gate:
@@ -19,7 +24,7 @@ class Gate:
 
     def __init__(self, app, api_key: str | None, metrics: Metrics):
         self.app, self.metrics = app, metrics
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,9 +46,19 @@ class Gate:
                 await JSONResponse(err.body(), 401)(scope, receive, send_counted)
                 return
             await self.app(scope, receive, send_counted)
+        except ClientDisconnect:
+            # The client left while sending its body: its business, not a server error; no traceback.
+            status[0] = CLIENT_CLOSED
+            log.info(
+                "%s %s: the client disconnected before sending its whole request",
+                scope["method"],
+                scope["path"],
+            )
         finally:
             self.metrics.request(scope["path"], status[0])
 
     def _authorized(self, scope) -> bool:
-        got = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(got, self.expected)
+        # RFC 7235: the scheme is case-insensitive ("bearer", "BEARER"), one or more spaces follow it.
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        ok_scheme = scheme.lower() == b"bearer"
+        return hmac.compare_digest(key.lstrip(b" "), self.expected) and ok_scheme

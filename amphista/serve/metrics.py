@@ -53,6 +53,11 @@ class Metrics:
         seconds = sum(s for _, s in self.recent)
         return tokens / seconds if seconds else 0.0
 
+    def mean_generation_seconds(self) -> float:
+        """Wall time of the latest 64 generations, on average (0.0 before the first)."""
+        with self.lock:
+            return sum(s for _, s in self.recent) / len(self.recent) if self.recent else 0.0
+
     def render(self) -> str:
         with self.lock:
             lines = [
