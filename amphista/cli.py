@@ -1,9 +1,15 @@
-"""The `amphista` command. Each subcommand lives in its own module and registers itself here."""
+"""The `amphista` command. Each subcommand lives in its own module and registers itself here.
+
+Also the argument types and the help formatter the subcommands share, so that a bad value fails when the
+command line is parsed (argparse's one-line error, exit status 2) instead of after minutes of loading.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 
 from .errors import AmphistaError
@@ -17,6 +23,69 @@ SUBCOMMANDS = [
     ".serve.cli",  # generate, serve
 ]
 
+# Shell conventions: 128 + SIGINT, 128 + SIGPIPE.
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is nothing to show (None, False, a flag) or the
+    help text already explains it in words ("default: the bundled model")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower():
+            return text
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # store_true and the like: the flag's absence says it
+            return text
+        return super()._get_help_string(action)
+
+
+def int_range(low: int | None = None, high: int | None = None, what: str = "an integer"):
+    """An argparse `type` accepting integers in [low, high] (either end open when None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                bound = f"at least {low}"
+            elif low is None:
+                bound = f"at most {high}"
+            else:
+                bound = f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+def float_range(low: float, high: float | None = None, low_open: bool = False):
+    """An argparse `type` accepting finite floats >= low (> low when low_open) and <= high."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            left = "(" if low_open else "["
+            bound = f"in {left}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = int_range(1, what="a positive integer")
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -24,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amphista",
         description="Lossless speculative decoding with Amphista drafters for Hugging Face causal LMs.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"amphista {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,22 +106,67 @@ def build_parser() -> argparse.ArgumentParser:
 
             raise
         mod.add_parser(sub)
+    # A subcommand that did not choose a formatter still shows its defaults in --help.
+    for command in sub.choices.values():
+        if command.formatter_class is argparse.HelpFormatter:
+            command.formatter_class = HelpFormatter
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+def _end_terminal_line() -> None:
+    """After Ctrl-C the terminal shows "^C" mid-line: start the shell prompt on a fresh line. Files and
+    pipes get nothing, so what they hold stays exactly what the command wrote."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            if stream.isatty():
+                stream.write("\n")
+                stream.flush()
+                return
+        except (OSError, ValueError, AttributeError):
+            continue
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: send what is still buffered to /dev/null, so that the interpreter's
+    final flush does not print "Exception ignored ... BrokenPipeError" on the way out."""
     try:
-        return int(args.func(args) or 0)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both of the first two
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = None
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that left shows up here, not as a warning at interpreter exit
+        return code
     except AmphistaError as e:
-        print(f"amphista {args.command}: error: {e}", file=sys.stderr)
+        _flush_quietly()
+        print(f"amphista {command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C, at start-up as much as while generating
+        _end_terminal_line()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `amphista generate ... | head -c 20`
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .cli import HelpFormatter, int_range, positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -16,10 +18,15 @@ def add_parser(sub) -> None:
         help="bundled model: vanilla vs Medusa vs Amphista, side by side",
         description="Decode a few story openings with the bundled stories260K model and its bundled drafters, "
         "and compare speed and output with plain decoding.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--prompts", type=int, default=6, help="story openings to decode (one per category first)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--runs", type=int, default=3, help="repeat everything this many times (mean ± std)")
+    p.add_argument(
+        "--prompts", type=positive_int, default=6, help="story openings to decode (one per category first)"
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens per opening")
+    p.add_argument(
+        "--runs", type=positive_int, default=3, help="repeat everything this many times (mean ± std)"
+    )
     # At this model's size a forward costs ~1 ms and verifying 16 tokens costs half as much again, so small
     # trees built from each drafter's head accuracies win: in two `amphista bench --tree-sweep` runs of the
     # shipped drafters, 8 nodes were the fastest size or within 1% of it for both drafters (against 10 and 12;
@@ -27,12 +34,17 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tree", default="auto", help="'auto' (built from head accuracies), a tree name or JSON file"
     )
-    p.add_argument("--tree-nodes", type=int, default=8, help="size of 'auto' trees")
+    p.add_argument(
+        "--tree-nodes",
+        type=int_range(2, what="an integer of at least 2"),
+        default=8,
+        help="size of 'auto' trees",
+    )
     p.add_argument(
         "--drafter", action="append", metavar="NAME=DIR", help="other drafters (default: the bundled)"
     )
     # A 64-wide model's ops are too small to split: on 2 cores every method ran 10-20% slower with 2 threads.
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the results as JSON (results.json schema)")
     p.set_defaults(func=run_demo)
 

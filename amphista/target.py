@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 from dataclasses import dataclass
 
@@ -73,6 +74,45 @@ class TargetOutput:
     hidden: torch.Tensor  # (1, q, d) last hidden state after the final norm
 
 
+EXPECTED_TARGET = (
+    "expected a folder holding a Hugging Face causal LM: a config.json with its model_type and the weights "
+    "(model.safetensors), as written by save_pretrained"
+)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+
+
+def check_model_dir(path: str | os.PathLike) -> dict:
+    """The config.json of the model folder `path`, read without touching the weights; an InputError that
+    says what was expected when `path` is not a Hugging Face model folder."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"target {path!r} does not exist: {EXPECTED_TARGET}")
+    if not os.path.isdir(path):
+        raise InputError(f"target {path!r} is a file, not a folder: {EXPECTED_TARGET}")
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        what = "is empty" if not os.listdir(path) else "has no config.json"
+        raise InputError(f"target {path!r} {what}: {EXPECTED_TARGET}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"target {path!r}: cannot read {file} ({_first_line(e)}): {EXPECTED_TARGET}") from e
+    if not isinstance(config, dict):
+        raise InputError(f"target {path!r}: {file} is not a JSON object: {EXPECTED_TARGET}")
+    if "drafter_type" in config:
+        raise InputError(
+            f"target {path!r} holds an amphista drafter ({config['drafter_type']}), not a model: pass it as the "
+            "drafter (--drafter) and the model it was trained for as the target"
+        )
+    if not config.get("model_type"):
+        raise InputError(f"target {path!r}: {file} names no model_type: {EXPECTED_TARGET}")
+    return config
+
+
 class TargetModel:
     """A frozen causal LM plus what the decoder needs to know about it."""
 
@@ -103,13 +143,23 @@ class TargetModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | None = None):
-        """Load a local Hugging Face causal LM directory (and its tokenizer, when present)."""
+        """Load a local Hugging Face causal LM directory (and its tokenizer, when present).
+
+        Raises InputError, naming what is wrong and what was expected, for a path that is not such a folder
+        (missing, empty, an amphista drafter, a model that is not a causal LM, no weights)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = str(path)
-        if not os.path.isdir(path):
-            raise InputError(f"target {path!r} is not a directory: pass a local Hugging Face model folder")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        config = check_model_dir(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        except (ValueError, KeyError) as e:  # transformers' word for "not a causal LM it knows"
+            raise InputError(
+                f"target {path!r} (model_type {config['model_type']!r}) cannot be loaded as a causal LM: "
+                f"{_first_line(e)}; {EXPECTED_TARGET}"
+            ) from e
+        except OSError as e:  # typically no weights file
+            raise InputError(f"target {path!r} cannot be loaded: {_first_line(e)}; {EXPECTED_TARGET}") from e
         if device:
             model.to(device)
         try:

@@ -120,10 +120,103 @@ def test_chat_is_multi_turn_with_the_plain_template(target, monkeypatch, capsys)
 
 
 def test_generate_errors_name_the_fix(capsys):
-    assert main(["generate", "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    with pytest.raises(SystemExit) as exit:  # argparse checks the value while parsing
+        main(["generate", "--prompt", "x", "--max-new-tokens", "0"])
+    assert exit.value.code == 2
     assert "--max-new-tokens" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--drafter", "/no/such/drafter"]) == 2
     assert "/no/such/drafter" in capsys.readouterr().err
+
+
+def _stdin(monkeypatch, data: bytes, tty: bool = False):
+    class Stdin(io.TextIOWrapper):
+        def isatty(self):
+            return tty
+
+    monkeypatch.setattr(sys, "stdin", Stdin(io.BytesIO(data)))
+
+
+def test_prompt_from_stdin_loses_exactly_one_trailing_newline(target, monkeypatch, capsys):
+    for prompt in (PROMPT, PROMPT + "\n"):
+        assert main(["generate", "--drafter", "none", "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+        want = capsys.readouterr().out
+        _stdin(monkeypatch, prompt.encode() + b"\n")  # what `echo "$prompt" |` sends
+        assert main(["generate", "--drafter", "none", "--max-new-tokens", "8"]) == 0
+        assert capsys.readouterr().out == want
+    _stdin(monkeypatch, PROMPT.encode())  # no newline at all: nothing to strip
+    assert main(["generate", "--drafter", "none", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith(
+        PROMPT + _vanilla_text(target, encode(target.tokenizer, PROMPT), 8)
+    )
+
+
+def test_a_refused_prompt_prints_only_the_error(capsys):
+    code = main(["generate", "--drafter", "none", "--prompt", "word " * 600])  # longer than the context
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("amphista generate: error: ")]
+    assert len(errors) == 1 and "context window" in errors[0] and "Traceback" not in err
+
+
+def test_system_prompt_needs_chat_and_is_used_by_it(target, monkeypatch, capsys):
+    assert main(["generate", "--prompt", PROMPT, "--system", "Be brief."]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--system needs --chat" in err
+    system = "You tell stories about a dog named Rex."
+    ids = chat_prompt(
+        target.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    ).ids
+    want = _vanilla_text(target, ids, 10, [PLAIN_STOP]).lstrip().split(PLAIN_STOP)[0]
+    _stdin(monkeypatch, b"Hi\n")
+    assert (
+        main(["generate", "--chat", "--system", system, "--drafter", "none", "--max-new-tokens", "10"]) == 0
+    )
+    assert capsys.readouterr().out == f"Assistant: {want}\n"
+
+
+LONG_TURNS = [
+    "The little dog ran to the park and played with a red ball all day long. " * 4,
+    "A girl named Sue found a big blue box under the old tree in the garden. " * 4,
+    "The cat sat on the warm mat and looked at the birds that sang in the sun. " * 4,
+    "Tom and his mom baked a cake with many sweet apples for the happy party. " * 4,
+    "Tell me a story.",
+]
+
+
+def test_chat_that_outgrows_the_context_answers_in_a_fresh_conversation(target, monkeypatch, capsys):
+    tok, n = target.tokenizer, 12
+
+    def reply(messages):
+        ids = chat_prompt(tok, messages).ids
+        return _vanilla_text(target, ids, n, [PLAIN_STOP]).lstrip().split(PLAIN_STOP)[0]
+
+    history, replies, fits = [], [], []
+    for line in LONG_TURNS:
+        turn = {"role": "user", "content": line}
+        fits.append(len(chat_prompt(tok, history + [turn]).ids) + n <= target.max_context)
+        if not fits[-1]:
+            history = []
+        replies.append(reply(history + [turn]))
+        history += [turn, {"role": "assistant", "content": replies[-1]}]
+    assert fits == [True, True, True, False, True]  # the fourth turn overflows, the fifth follows it
+    _stdin(monkeypatch, "\n".join(LONG_TURNS).encode() + b"\n")
+    assert main(["generate", "--chat", "--drafter", "none", "--max-new-tokens", str(n)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "".join(f"Assistant: {r}\n" for r in replies)
+    assert err.count("cleared") == 1
+
+
+def test_chat_turn_too_long_for_the_context(monkeypatch, capsys):
+    too_long = b"word " * 600
+    _stdin(monkeypatch, b"Hello\n" + too_long + b"\nBye\n")  # a pipe: the chat ends with the error
+    assert main(["generate", "--chat", "--drafter", "none", "--max-new-tokens", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("Assistant: ") == 1
+    assert "line 2" in err and "this message alone" in err and "context window is 512" in err
+    _stdin(monkeypatch, b"Hello\n" + too_long + b"\nBye\n", tty=True)  # a terminal: refused, chat goes on
+    assert main(["generate", "--chat", "--drafter", "none", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("Assistant: ") == 2 and "this message alone" in err
 
 
 def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(target):

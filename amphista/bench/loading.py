@@ -14,7 +14,7 @@ import torch
 
 from .. import bundled
 from ..errors import CheckpointError, DrafterMismatchError, InputError
-from ..target import TargetModel
+from ..target import EXPECTED_TARGET, TargetModel, check_model_dir
 from ..tree import TreeSpec, build_tree, load_accuracies
 
 BUNDLED_DRAFTERS = ("medusa", "amphista")
@@ -96,11 +96,13 @@ def target_shape(spec) -> dict | None:
         spec = bundled.default_target_path()
     if not isinstance(spec, (str, os.PathLike)):
         return None
-    if not os.path.isdir(spec):
-        raise InputError(f"target {str(spec)!r} is not a directory: pass a local Hugging Face model folder")
+    check_model_dir(spec)
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(spec)
+    except (ValueError, KeyError, OSError) as e:  # a model_type this transformers does not know
+        raise InputError(f"target {str(spec)!r}: {str(e).strip().splitlines()[0]}; {EXPECTED_TARGET}") from e
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     arch = (getattr(cfg, "architectures", None) or [None])[0]
     return {"hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "architecture": arch}

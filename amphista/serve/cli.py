@@ -6,10 +6,14 @@ import argparse
 import os
 import sys
 
+from ..cli import HelpFormatter, float_range, int_range, positive_int
 from ..errors import InputError
 
 API_KEY_ENV = "AMPHISTA_API_KEY"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -28,10 +32,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="token tree: 'auto' (built from the drafter's head_accuracy.json; the default when it exists), "
         "a name (mc_sim_7b_63, chain) or a JSON file",
     )
-    p.add_argument("--tree-nodes", type=int, default=16, help="size of 'auto' trees, root included")
+    p.add_argument(
+        "--tree-nodes",
+        type=int_range(2, what="an integer of at least 2"),
+        default=16,
+        help="size of 'auto' trees, root included",
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)",
     )
@@ -39,8 +48,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _set_threads(args) -> None:
     if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -50,26 +57,38 @@ def add_parser(subparsers) -> None:
     g = subparsers.add_parser(
         "generate",
         help="generate text in the terminal, streamed as tokens commit",
-        description="Complete a prompt (--prompt, or stdin) or chat interactively (--chat).",
+        description="Complete a prompt (--prompt, or stdin) or chat interactively (--chat). A prompt read "
+        "from stdin loses one trailing newline (the one `echo` adds); text must be UTF-8.",
+        formatter_class=HelpFormatter,
     )
     _model_args(g)
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to continue (default: read from stdin)")
     src.add_argument(
-        "--chat", action="store_true", help="interactive multi-turn chat using the chat template"
+        "--chat",
+        action="store_true",
+        help="interactive multi-turn chat using the chat template; a conversation that outgrows the "
+        "context window continues as a new one (said on stderr)",
     )
-    g.add_argument("--system", help="system prompt for --chat")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--system", help="system prompt; only with --chat (a plain completion has none)")
+    g.add_argument("--temperature", type=float_range(0.0), default=0.0, help="0 = greedy; sampling above 0")
+    g.add_argument(
+        "--top-p", type=float_range(0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling, in (0, 1]"
+    )
+    g.add_argument("--top-k", type=int_range(0, what="an integer >= 0"), default=0, help="0 = off")
+    g.add_argument(
+        "--seed",
+        type=int_range(0, 2**64 - 1, what="an integer from 0 to 2**64-1"),
+        default=None,
+        help="random seed for sampling (default: a fresh one each run)",
+    )
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     g.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="print text as tokens are committed (default) or all at the end",
+        help="print text as tokens are committed, or all at the end (default: --stream)",
     )
     g.add_argument("--stats", action="store_true", help="print tokens, tokens/s and tau to stderr at the end")
     g.set_defaults(func=run_generate)
@@ -78,10 +97,16 @@ def add_parser(subparsers) -> None:
         "serve",
         help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
         description="Serve one model over HTTP; see docs/serving.md.",
+        formatter_class=HelpFormatter,
     )
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--port",
+        type=int_range(1, 65535, what="a port number from 1 to 65535"),
+        default=8000,
+        help="TCP port",
+    )
     s.add_argument(
         "--api-key",
         default=None,
@@ -92,33 +117,51 @@ def add_parser(subparsers) -> None:
     )
     s.add_argument(
         "--max-tokens-limit",
-        type=int,
+        type=positive_int,
         default=None,
         help="largest max_tokens a request may ask for (default: the context window)",
     )
-    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond this get HTTP 503")
-    s.add_argument("--log-level", default="info")
+    s.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=1 << 20,
+        help="largest request body; larger get HTTP 413",
+    )
+    s.add_argument(
+        "--max-queue", type=positive_int, default=256, help="requests waiting beyond this get HTTP 503"
+    )
+    s.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="uvicorn's log level")
     s.set_defaults(func=run_serve)
 
 
 def _check_generate_args(args) -> None:
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
+    from .terminal import check_text_arg
+
+    if args.system is not None and not args.chat:
+        raise InputError(
+            "--system needs --chat: a plain completion has no system prompt; add --chat, or put the text "
+            "at the start of --prompt"
+        )
+    for flag in ("--prompt", "--system"):
+        check_text_arg(flag, getattr(args, flag[2:]))
+    for stop in args.stop or []:
+        check_text_arg("--stop", stop)
     if not args.chat and args.prompt is None and sys.stdin.isatty():
         raise InputError("nothing to complete: pass --prompt TEXT, pipe text on stdin, or use --chat")
 
 
 def run_generate(args) -> int:
-    from .loading import load_decoder
-    from .terminal import chat, complete
+    from .terminal import chat, complete, read_stdin_prompt
 
     _check_generate_args(args)
+    prompt = None
+    if not args.chat:  # read (and check) the prompt before spending time on loading
+        prompt = args.prompt if args.prompt is not None else read_stdin_prompt()
+    from .loading import load_decoder
+
     _set_threads(args)
     decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes)
-    return chat(decoder, args) if args.chat else complete(decoder, args)
+    return chat(decoder, args) if args.chat else complete(decoder, args, prompt)
 
 
 def run_serve(args) -> int:
