@@ -238,11 +238,16 @@ def load_accuracies(path: str | os.PathLike, greedy: bool = False) -> HeadAccura
     greedy=True reads `top_k_target` when the file has it: accuracy against the target's own argmax, which
     is exactly what greedy verification accepts, so trees for greedy decoding are built from it. The measured
     path frequencies (`paths_target` / `paths`) come along when present, and `build_tree` prefers them."""
+    from .training.data import read_text
+
+    text = read_text(path, "head accuracy file", error=TreeError)
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise TreeError(f"cannot read head accuracies from {str(path)!r}: {e}") from e
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TreeError(
+            f"head accuracy file {str(path)!r} is not valid JSON: line {e.lineno}, {e.msg}; "
+            "write it with `amphista heads-accuracy --json FILE`"
+        ) from None
     paths = None
     if isinstance(data, dict):
         table = (greedy and data.get("paths_target")) or data.get("paths")

@@ -258,6 +258,10 @@ def test_question_file_errors(tmp_path, no_models):
     dup = write_jsonl(tmp_path / "d.jsonl", [QUESTIONS[0], QUESTIONS[0]])
     with pytest.raises(InputError, match="appears twice"):
         run_benchmark(small(questions=dup, drafters={}))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question_id": 1, "category": "a", "turns": ["x"]}\n{"question_id": 2, "turns": ["caf\xe9"]}\n')
+    with pytest.raises(InputError, match=r"latin1.jsonl' is not UTF-8 text: byte 0xe9 at line 2"):
+        run_benchmark(small(questions=str(latin1), drafters={}))
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n")
     with pytest.raises(InputError, match="holds no questions"):
@@ -289,6 +293,16 @@ def test_missing_bundled_drafters_name_the_training_script(tmp_path, monkeypatch
     monkeypatch.setattr(loading, "bundled_drafter_dir", lambda name: tmp_path / name)
     with pytest.raises(CheckpointError, match=loading.TRAIN_SCRIPT):
         run_benchmark(small())
+
+
+def test_out_that_is_a_file_fails_before_the_benchmark(tmp_path, no_models):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("precious")
+    with pytest.raises(InputError, match="--out .*corpus.txt' is an existing file, not a folder"):
+        run_benchmark(small(out=str(corpus), drafters={}))
+    with pytest.raises(InputError, match="cannot be created"):
+        run_benchmark(small(out=str(corpus / "results"), drafters={}))
+    assert corpus.read_text() == "precious"
 
 
 def test_bad_settings(no_models):

@@ -247,6 +247,39 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert losses(full.out) == pytest.approx(losses(part.out), abs=1e-5)
 
 
+def test_resume_refuses_other_settings_naming_old_and_new(tmp_path):
+    data = write_stories(tmp_path / "s.jsonl", n=16)
+    target = tiny_target()
+    train(config(tmp_path, [data], drafter="medusa", max_steps=2, batch_size=4, seq_len=64), target=target)
+
+    def resume(files=(data,), **kw):
+        return train(config(tmp_path, list(files), **{"drafter": "medusa", "max_steps": 2, "resume": True, **kw}),
+                     target=target)  # fmt: skip
+
+    with pytest.raises(InputError, match="is a Medusa run and --drafter is amphista: pass --drafter medusa"):
+        resume(drafter="amphista")
+    with pytest.raises(InputError) as e:
+        resume(batch_size=2, seq_len=32)
+    assert "--batch-size 2 (was 4)" in str(e.value) and "--seq-len 32 (was 64)" in str(e.value)
+    with pytest.raises(InputError, match=r"--lr 0.5 \(was 0.01\)"):  # None meant medusa's default 1e-2
+        resume(lr=0.5)
+    with pytest.raises(InputError, match=r"--set num_heads=3 \(was unset\)"):
+        resume(drafter_config={"num_heads": 3})
+    other = write_stories(tmp_path / "other.jsonl", n=16, seed=1)
+    with pytest.raises(InputError, match="training data differs"):
+        resume(files=[other])
+    # How a global batch is split over processes and micro-batches changes no gradient: allowed.
+    resume(micro_batch_size=2)
+
+    # A checkpoint from before checkpoints recorded their config: the finished run's training_config.json.
+    ckpt = list_checkpoints(str(tmp_path / "out"))[-1]
+    state_path = os.path.join(ckpt, "trainer_state.json")
+    state = json.load(open(state_path))
+    json.dump({k: state[k] for k in ("step", "epoch", "cursor")}, open(state_path, "w"))
+    with pytest.raises(InputError, match="is a Medusa run"):
+        resume(drafter="amphista")
+
+
 def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "file.json"
     atomic_write(str(path), lambda f: f.write(b"old"))

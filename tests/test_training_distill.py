@@ -78,3 +78,32 @@ def test_distill_resumes_without_duplicates_or_losses(tmp_path, monkeypatch):
     assert sorted(ids) == sorted(f"{i}:0" for i in range(1, 11)) and len(ids) == len(set(ids))
     again = distill(cfg, target=target)  # a finished run is a no-op
     assert again["written"] == 0 and len(_records(out)) == 10
+
+
+def test_prompt_file_and_output_are_checked_before_the_target_loads(tmp_path, monkeypatch):
+    from amphista.errors import InputError
+    from amphista.target import TargetModel
+
+    monkeypatch.setattr(TargetModel, "load", classmethod(lambda *a, **k: pytest.fail("target loaded")))
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"Once upon a time\nLa ni\xf1a\n")
+    cfg = DistillConfig(target="unused", prompts=str(prompts), out=str(tmp_path / "out.jsonl"), progress=False)
+    with pytest.raises(InputError, match=r"p.txt' is not UTF-8 text: byte 0xf1 at line 2"):
+        distill(cfg)
+    prompts.write_text("Once upon a time\n")
+    for out, message in [(tmp_path, "is a folder"), (prompts / "out.jsonl", "is a file, not a folder")]:
+        cfg.out = str(out)
+        with pytest.raises(InputError, match=message):
+            distill(cfg)
+    cfg.out = str(tmp_path / "out.jsonl")
+    for field, value, flag in [("batch_size", 0, "--batch-size"), ("top_p", 1.5, "--top-p"),
+                               ("temperature", -1.0, "--temperature"), ("num_samples", 0, "--num-samples")]:  # fmt: skip
+        with pytest.raises(InputError, match=flag):
+            distill(DistillConfig(**{**cfg.__dict__, field: value}))
+
+
+def test_text_prompts_keep_their_line_numbers_whatever_the_newlines(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(b"one\r\n\r\ntwo\rthree\x0cstill three\n")
+    got = [(p.id, p.turns) for p in distill_module.read_prompts(str(prompts))]
+    assert got == [("1", ["one"]), ("3", ["two"]), ("4", ["three\x0cstill three"])]

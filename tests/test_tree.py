@@ -101,6 +101,12 @@ def test_load_accuracies(tmp_path):
     f.write_text(json.dumps({"something": 1}))
     with pytest.raises(amphista.TreeError, match="holds no head accuracies"):
         load_accuracies(f)
+    f.write_bytes(b'{"top_k":\n [[0.5, 0.7]], "note": "caf\xe9"}')
+    with pytest.raises(amphista.TreeError, match=r"not UTF-8 text: byte 0xe9 at line 2 \(byte offset 37\)"):
+        load_accuracies(f)
+    f.write_text('{"top_k":\n [[0.5, 0.7]],}')
+    with pytest.raises(amphista.TreeError, match="not valid JSON: line 2"):
+        load_accuracies(f)
 
 
 def test_measured_path_frequencies_beat_the_independence_guess(tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
+from ..cli import HelpFormatter, float_range, int_range, positive_int
 from ..errors import InputError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
+        formatter_class=HelpFormatter,
         help="speed benchmark: vanilla vs each drafter on a question set (Spec-Bench style)",
         description="Vanilla decoding (the faster of amphista's loop and transformers generate()) and every "
         "drafter, on the same prompts in one process; tokens/s, speedup, tau, step latency, greedy exactness.",
@@ -23,21 +25,42 @@ def add_parser(sub) -> None:
         help="a drafter folder, repeatable (default with the bundled target: its medusa and amphista)",
     )
     p.add_argument("--questions", help="MT-Bench/Spec-Bench JSONL (default: the shipped story openings)")
-    p.add_argument("--categories", help="comma-separated categories to keep")
-    p.add_argument("--limit", type=int, help="at most this many questions")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--runs", type=int, default=3, help="repeat everything this many times (mean ± std)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up passes per method before timing")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
+    p.add_argument("--limit", type=positive_int, help="at most this many questions (default: all)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit per turn")
+    p.add_argument(
+        "--runs", type=positive_int, default=3, help="repeat everything this many times (mean ± std)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int_range(0, what="an integer, 0 or more"),
+        default=1,
+        help="warm-up passes per method before timing",
+    )
+    p.add_argument(
+        "--temperature", type=float_range(0.0), default=0.0, help="0: greedy, where every method must agree"
+    )
+    p.add_argument(
+        "--top-p", type=float_range(0.0, 1.0, low_open=True), default=1.0, help="nucleus sampling mass"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int_range(0, what="an integer, 0 or more"),
+        default=0,
+        help="sample from the k likeliest tokens; 0: all",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
         "--tree",
         default="mc_sim_7b_63",
         help="tree name, JSON file, or 'auto' (built from each drafter's head_accuracy.json)",
     )
-    p.add_argument("--tree-nodes", type=int, default=64, help="size of 'auto' trees")
+    p.add_argument(
+        "--tree-nodes",
+        type=int_range(2, what="an integer, at least 2"),
+        default=64,
+        help="size of 'auto' trees",
+    )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
     p.add_argument(
         "--head-accuracy",
@@ -52,12 +75,13 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--out", required=True, metavar="RESULTS_DIR", help="folder for answers, results.json, plots"
     )
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (they need matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_bench)
 
     t = sub.add_parser(
         "tree",
+        formatter_class=HelpFormatter,
         help="build the best token tree for a drafter from its head accuracies",
         description="Medusa-style tree of N tokens (root included) with the highest expected "
         "accepted length, from per-head top-k accuracies.",
@@ -146,6 +170,10 @@ def run_bench(args) -> int:
 def run_tree(args) -> int:
     from ..tree import build_tree, expected_tau, load_accuracies
 
+    if args.out:
+        from ..training.data import check_output
+
+        check_output(args.out, "--out", folder=False, example="tree.json")
     acc = load_accuracies(args.accuracies, args.greedy)
     tree = build_tree(acc, args.nodes)
     tau = expected_tau(tree, acc)

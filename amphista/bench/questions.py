@@ -96,10 +96,9 @@ def _read_jsonl(path: Path) -> list[Question]:
         raise InputError(
             f"question file {str(path)!r} does not exist: pass a JSONL file in the MT-Bench schema"
         )
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read question file {str(path)!r}: {e}") from e
+    from ..training.data import read_text
+
+    lines = read_text(path, "question file").splitlines()
     questions = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():

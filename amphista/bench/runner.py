@@ -88,6 +88,10 @@ def _needs_accuracies(cfg: BenchConfig) -> bool:
 def prepare(cfg: BenchConfig):
     """Everything up to the first generation: -> (target, questions, methods, sweep plan)."""
     _check_settings(cfg)
+    if cfg.out:
+        from ..training.data import check_output
+
+        check_output(cfg.out, "--out", folder=True)  # the results must not be lost after the whole run
     questions = load_questions(cfg.questions, cfg.categories, cfg.limit)
     specs = _drafter_specs(cfg)
     shape = loading.target_shape(cfg.target) if any(map(_is_path, specs.values())) else None

@@ -15,6 +15,69 @@ DRAFTERS = ("amphista", "medusa")
 DEFAULT_LR = {"amphista": 3e-3, "medusa": 1e-2}
 
 
+# Command-line flags of TrainConfig fields; the others are set with `--set name=value`.
+FLAGS = {
+    "target": "--target", "data": "--data", "out": "--out", "drafter": "--drafter", "init_drafter": "--init-drafter",
+    "eval_data": "--eval-data", "seq_len": "--seq-len", "batch_size": "--batch-size",
+    "micro_batch_size": "--micro-batch-size", "max_steps": "--max-steps", "epochs": "--epochs", "lr": "--lr",
+    "lr_layers": "--lr-layers", "seed": "--seed", "save_every": "--save-every", "tensorboard": "--tensorboard",
+}  # fmt: skip
+
+
+def flag(name: str) -> str:
+    """How a user sets the field `name`: its flag, or `--set name`."""
+    return FLAGS.get(name, f"--set {name}")
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _at_most_one(v):
+    return v <= 1
+
+
+def _below_one(v):
+    return v < 1
+
+
+# (field, lower check, upper check, the rule in words) for every numeric field validate() checks.
+NUMBER_RULES = [
+    ("seq_len", _positive, None, "at least 3"),
+    ("batch_size", _positive, None, "at least 1"),
+    ("micro_batch_size", _positive, None, "at least 1"),
+    ("max_steps", _positive, None, "at least 1 (leave it out to train --epochs)"),
+    ("epochs", _positive, None, "above 0"),
+    ("lr", _positive, None, "above 0"),
+    ("lr_layers", _positive, None, "above 0"),
+    ("eval_fraction", _non_negative, _below_one, "in [0, 1)"),
+    ("max_eval_examples", _non_negative, None, "0 or more"),
+    ("bucket_window", _positive, None, "at least 1"),
+    ("weight_decay", _non_negative, None, "0 or more"),
+    ("warmup_ratio", _non_negative, _at_most_one, "in [0, 1]"),
+    ("min_lr_ratio", _non_negative, _at_most_one, "in [0, 1]"),
+    ("max_grad_norm", _non_negative, None, "0 (no clipping) or more"),
+    ("lm_weight", _non_negative, None, "0 or more"),
+    ("align_weight", _non_negative, None, "0 or more"),
+    ("head_decay", _positive, None, "above 0"),
+    ("logits_chunk", _non_negative, None, "0 (auto) or more"),
+    ("seed", _non_negative, None, "0 or more"),
+    ("log_every", _positive, None, "at least 1"),
+    ("save_every", _non_negative, None, "0 (only at the end) or more"),
+    ("keep_checkpoints", _non_negative, None, "0 (keep all) or more"),
+    ("eval_every", _non_negative, None, "0 (only at the end) or more"),
+]
+INTEGERS = {
+    "seq_len", "batch_size", "micro_batch_size", "max_steps", "max_eval_examples", "bucket_window", "logits_chunk",
+    "seed", "log_every", "save_every", "keep_checkpoints", "eval_every",
+}  # fmt: skip
+OPTIONAL = {"micro_batch_size", "max_steps", "lr", "lr_layers"}  # None: derived from other fields
+
+
 @dataclass
 class TrainConfig:
     target: str = ""  # local Hugging Face model folder (frozen)
@@ -77,10 +140,38 @@ class TrainConfig:
             raise InputError(f"head_weighting is {self.head_weighting!r}: use 'decay' or 'equal'")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"mixed_precision is {self.mixed_precision!r}: use auto, no, bf16 or fp16")
+        for name, low, high, what in NUMBER_RULES:
+            value = getattr(self, name)
+            if value is None and name in OPTIONAL:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (name in INTEGERS and not isinstance(value, int))
+            ):
+                kind = "an integer" if name in INTEGERS else "a number"
+                raise InputError(f"{flag(name)} is {value!r}: it must be {kind}, {what}")
+            # `not (a <= v)` rather than `v < a`, so that NaN fails too.
+            if not ((low is None or low(value)) and (high is None or high(value))):
+                raise InputError(f"{flag(name)} is {value!r}: it must be {what}")
         if self.seq_len < 3:
-            raise InputError(f"seq_len is {self.seq_len}: a sequence needs at least 3 tokens to train on")
-        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
-            raise InputError("batch_size and micro_batch_size must be positive")
+            raise InputError(
+                f"{flag('seq_len')} is {self.seq_len}: a sequence needs at least 3 tokens to train on"
+            )
+        if self.lm_weight == 0 and self.align_weight == 0:
+            raise InputError(
+                "lm_weight and align_weight are both 0: nothing to train on; set one above 0 with --set"
+            )
+        if not (
+            isinstance(self.betas, (list, tuple))
+            and len(self.betas) == 2
+            and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas
+            )
+        ):
+            raise InputError(
+                f"betas is {self.betas!r}: give two numbers in [0, 1), e.g. --set betas=[0.9,0.999]"
+            )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,7 +180,8 @@ class TrainConfig:
     def from_json(cls, data: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})
-        cfg.betas = tuple(cfg.betas)
+        if isinstance(cfg.betas, list):
+            cfg.betas = tuple(cfg.betas)
         return cfg
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 from ..errors import InputError
@@ -63,12 +64,59 @@ def chat_template(tokenizer) -> str:
     return getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
 
 
-def read_records(path: str):
+def read_text(path, what: str = "file", error=InputError) -> str:
+    """The file decoded as UTF-8; bytes that are not UTF-8 raise `error` naming the line and byte offset."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise error(f"cannot read {what} {str(path)!r}: {e.strerror or e}") from e
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        bad = " ".join(f"0x{b:02x}" for b in data[e.start : min(e.end, e.start + 4)])
+        raise error(
+            f"{what} {str(path)!r} is not UTF-8 text: byte {bad} at line {line} (byte offset {e.start}); "
+            "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8"
+        ) from None
+
+
+def check_output(path, flag: str = "--out", folder: bool = True, example: str = "out.jsonl") -> None:
+    """Raise InputError unless `path` can be written as a folder (or a file), before any long work.
+
+    Permissions are probed by creating a temporary file, not by os.access: that also catches read-only
+    file systems and holds for root. Nothing is left behind."""
+    path = os.fspath(path)
+    full = os.path.abspath(path)
+    if folder and os.path.exists(full) and not os.path.isdir(full):
+        raise InputError(f"{flag} {path!r} is an existing file, not a folder: pass a folder name (created if missing)")
+    if not folder and os.path.isdir(full):
+        raise InputError(f"{flag} {path!r} is a folder: pass a file name, e.g. {os.path.join(path, example)!r}")
+    probe = full if os.path.isdir(full) else os.path.dirname(full)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InputError(f"{flag} {path!r} cannot be created: {probe!r} is a file, not a folder")
+    try:
+        if not folder and os.path.exists(full):
+            open(full, "ab").close()  # appending nothing changes neither the content nor the mtime
+        else:
+            fd, tmp = tempfile.mkstemp(dir=probe, prefix=".amphista-write-check-")
+            os.close(fd)
+            os.remove(tmp)
+    except OSError as e:
+        where = full if not folder and os.path.exists(full) else probe
+        raise InputError(
+            f"{flag} {path!r} is not writable ({e.strerror or e} in {where!r}): choose a place you can write to"
+        ) from None
+
+
+def read_records(path: str, what: str = "data file"):
     """Yield (line number, record) pairs. Undecodable JSONL lines come through as (line, JSONDecodeError)."""
     if not os.path.isfile(path):
-        raise InputError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        raise InputError(f"{what} {path!r} does not exist")
+    text = read_text(path, what)
     if path.endswith((".jsonl", ".ndjson")):
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..target import TargetModel
-from .data import _message, chat_template, read_records
+from .data import _message, chat_template, check_output, read_records, read_text
 
 
 @dataclass
@@ -74,10 +74,12 @@ def read_prompts(path: str) -> list[Prompt]:
     if path.endswith(".txt"):
         if not os.path.isfile(path):
             raise InputError(f"prompt file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            prompts = [Prompt(str(n), [line.rstrip("\n")]) for n, line in enumerate(f, 1) if line.strip()]
+        # Split the way text-mode iteration does (any newline style, nothing else), so that the line
+        # numbers, which are the prompt ids a resumed run matches, stay those of earlier versions.
+        text = read_text(path, "prompt file").replace("\r\n", "\n").replace("\r", "\n")
+        prompts = [Prompt(str(n), [line]) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     else:
-        for n, record in read_records(path):
+        for n, record in read_records(path, "prompt file"):
             try:
                 turns, system = _turns(record)
                 if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
@@ -134,20 +136,34 @@ def _generate(target, tokenizer, texts: list[str], cfg: DistillConfig, special: 
     return results
 
 
+def check_settings(cfg: DistillConfig) -> None:
+    """Raise InputError, naming the flag, for a setting distillation cannot run with."""
+    for name, value in (("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens),
+                        ("num_samples", cfg.num_samples), ("max_prompts", cfg.max_prompts)):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"--{name.replace('_', '-')} is {value!r}: it must be an integer, at least 1")
+    if not cfg.temperature >= 0:
+        raise InputError(f"--temperature is {cfg.temperature}: it must be 0 (greedy) or more")
+    if not 0 < cfg.top_p <= 1:
+        raise InputError(f"--top-p is {cfg.top_p}: it must be in (0, 1]")
+    if cfg.mode not in ("auto", "chat", "completion"):
+        raise InputError(f"--mode is {cfg.mode!r}: use auto, chat or completion")
+
+
 @torch.inference_mode()
 def distill(cfg: DistillConfig, target=None) -> dict:
     """Answer every prompt with the target; append to cfg.out. Returns counts."""
+    check_settings(cfg)
+    check_output(cfg.out, "--out", folder=False)
+    prompts = read_prompts(cfg.prompts)[: cfg.max_prompts]
     target = TargetModel.wrap(target if target is not None else TargetModel.load(cfg.target))
     tok = target.tokenizer
     if tok is None:
         raise InputError("the target has no tokenizer: save one in the target folder")
-    prompts = read_prompts(cfg.prompts)[: cfg.max_prompts]
     mode = cfg.mode
     if mode == "auto":
         single = all(len(p.turns) == 1 and not p.system for p in prompts)
         mode = "completion" if getattr(tok, "chat_template", None) is None and single else "chat"
-    if mode not in ("chat", "completion"):
-        raise InputError(f"mode is {cfg.mode!r}: use auto, chat or completion")
     jobs = [(f"{p.id}:{s}", p) for p in prompts for s in range(cfg.num_samples)]
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     done = finished_ids(cfg.out)

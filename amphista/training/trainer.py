@@ -9,9 +9,12 @@ split over processes and accumulation steps gives the same gradient as one big b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +24,9 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..target import TargetModel
 from .batching import collate, epoch_batches, label_counts, micro_batches
-from .checkpoint import find_checkpoint, list_checkpoints, load_state, save_state
-from .config import TrainConfig
-from .data import load_examples
+from .checkpoint import STATE_FILE, find_checkpoint, list_checkpoints, load_state, save_state
+from .config import TrainConfig, flag
+from .data import check_output, load_examples
 from .evaluate import format_table, head_accuracy
 from .losses import DraftLoss, head_weights
 from .outputs import MetricsLog, peak_memory_mb, save_outputs
@@ -87,6 +90,20 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
     from accelerate.utils import DistributedType, set_seed
 
     cfg.validate()
+    check_output(cfg.out, "--out", folder=True)
+    for option, paths in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise InputError(f"{option}: no file {', '.join(map(repr, missing))}: check the path")
+    # Found before any model loads, so that a resume that cannot work fails at once.
+    ckpt = find_checkpoint(cfg.out, cfg.resume) if cfg.resume else None
+    previous = previous_run(ckpt, cfg.out) if ckpt else None
+    if previous is not None:
+        check_resume(cfg, previous["config"], cfg.out)
+    if not ckpt and list_checkpoints(cfg.out):
+        raise InputError(
+            f"{cfg.out!r} holds checkpoints of an earlier run: pass --resume to continue it or use another --out"
+        )
     # A multi-process launch on a machine without CUDA (torchrun, or `accelerate launch --multi_gpu`)
     # trains on the CPU with gloo; accelerate would otherwise fall back to independent single processes.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -126,6 +143,14 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
         for report in reports:
             print(report.summary())
     lengths = [len(ex.input_ids) for ex in train_set]
+    data_id = {"examples": len(train_set), "fingerprint": fingerprint(train_set)}
+    if previous is not None and previous.get("data") not in (None, data_id):
+        raise InputError(
+            f"cannot resume the run in {cfg.out!r}: its training data differs from this run's "
+            f"({previous['data']['examples']} examples then, {len(train_set)} now"
+            f"{', same count but other tokens' if previous['data']['examples'] == len(train_set) else ''}): "
+            "pass the same --data (and --seq-len / --eval-data) to resume it, or use another --out"
+        )
 
     drafter = drafter if drafter is not None else build_drafter(cfg, target)
     drafter.to(device).train()
@@ -147,16 +172,13 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
 
     # ---- resume ------------------------------------------------------------------------------------
     step, epoch, cursor = 0, 0, 0  # optimizer steps done; data position: epoch, next batch in it
-    ckpt = find_checkpoint(cfg.out, cfg.resume) if cfg.resume else None
     if ckpt:
         info = load_state(accelerator, ckpt)
         step, epoch, cursor = info["step"], info["epoch"], info["cursor"]
         if is_main:
             print(f"resumed from {ckpt} at step {step}")
-    elif list_checkpoints(cfg.out):
-        raise InputError(
-            f"{cfg.out!r} holds checkpoints of an earlier run: pass --resume to continue it or use another --out"
-        )
+    # What a resume checks against: the settings and data this checkpoint's run trained with.
+    run_info, keep = {"config": cfg.to_json(), "data": data_id}, cfg.keep_checkpoints
     log = MetricsLog(cfg.out, resume_step=step, enabled=is_main, tensorboard=cfg.tensorboard)
 
     # ---- train -------------------------------------------------------------------------------------
@@ -213,7 +235,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
             window_steps, window_tokens, window_start = 0, 0, now
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
-            save_state(accelerator, cfg.out, step, {"epoch": epoch, "cursor": cursor}, cfg.keep_checkpoints)
+            save_state(accelerator, cfg.out, step, {"epoch": epoch, "cursor": cursor, **run_info}, keep)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps and eval_set:
             result = evaluate(accelerator, model, cfg, target, eval_set, pad_id, sharded)
             log.write({"step": step, "eval": result})
@@ -223,7 +245,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
     run_time = time.perf_counter() - run_start
 
     # ---- final checkpoint, held-out accuracy, the drafter itself -------------------------------------
-    save_state(accelerator, cfg.out, step, {"epoch": epoch, "cursor": cursor}, cfg.keep_checkpoints)
+    save_state(accelerator, cfg.out, step, {"epoch": epoch, "cursor": cursor, **run_info}, keep)
     result = evaluate(accelerator, model, cfg, target, eval_set, pad_id, sharded) if eval_set else None
     final = full_drafter(accelerator, model, cfg, target, sharded)
     if is_main:
@@ -238,6 +260,90 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
         cfg.out, step, float(last.get("loss", float("nan"))), result, run_tokens / max(run_time, 1e-9),
         peak_memory_mb(device),
     )
+
+
+# Settings whose change makes a resumed run differ from the interrupted one: the data stream (batches,
+# eval split), the drafter's shape, the optimizer and the lr schedule. micro_batch_size only changes how
+# a global batch is split (same gradient), and paths, precision and logging change no trained number.
+RESUME_KEYS = (
+    "drafter", "seq_len", "batch_size", "max_steps", "epochs", "lr", "lr_layers", "seed", "eval_fraction",
+    "max_eval_examples", "bucket_window", "weight_decay", "betas", "warmup_ratio", "min_lr_ratio",
+    "max_grad_norm", "lm_weight", "align_weight", "head_weighting", "head_decay",
+)  # fmt: skip
+
+
+def fingerprint(examples) -> str:
+    """A digest of the training examples' tokens and label masks, in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(array("q", [len(ex.input_ids), *ex.input_ids, *ex.loss_mask]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def previous_run(ckpt: str, out: str) -> dict | None:
+    """The config (and data digest) of the run that wrote `ckpt`: from its trainer_state.json, or, for
+    checkpoints written before it held them, from the run's training_config.json / drafter config.json."""
+    try:
+        with open(os.path.join(ckpt, STATE_FILE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None  # load_state reports the damaged checkpoint
+    if isinstance(state.get("config"), dict):
+        return {"config": state["config"], "data": state.get("data")}
+    if not os.path.abspath(ckpt).startswith(os.path.join(os.path.abspath(out), "")):
+        return None  # the files below describe the run in `out`, not one elsewhere
+    try:
+        with open(os.path.join(out, "training_config.json")) as f:
+            return {"config": json.load(f), "data": None}
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            kind = json.load(f).get("drafter_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"config": {"drafter": kind}, "data": None} if kind in ("amphista", "medusa") else None
+
+
+def _resolved(config: dict, key: str):
+    if key == "lr":
+        lr = config.get("lr")
+        return lr if lr is not None else TrainConfig(drafter=config["drafter"]).resolved_lr()
+    if key == "lr_layers":
+        return config.get("lr_layers") if config.get("lr_layers") is not None else _resolved(config, "lr")
+    value = config.get(key, getattr(TrainConfig, key, None))
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resume(cfg: TrainConfig, old: dict, out: str) -> None:
+    """Refuse a resume whose settings would not continue the checkpointed run, naming each difference."""
+    if old.get("drafter") and old["drafter"] != cfg.drafter:
+        raise InputError(
+            f"cannot resume: the run in {out!r} is a {old['drafter'].capitalize()} run and --drafter is "
+            f"{cfg.drafter}: pass --drafter {old['drafter']} to resume it, or use another --out for a new "
+            f"{cfg.drafter} run"
+        )
+    if set(old) <= {"drafter"}:
+        return  # an older run that recorded only its drafter type
+    new = {**cfg.to_json(), "drafter": cfg.drafter}
+    diffs = []
+    for key in RESUME_KEYS:
+        if key == "epochs" and (old.get("max_steps") is not None or cfg.max_steps is not None):
+            continue  # max_steps decides the length, epochs is unused
+        a, b = _resolved(old, key), _resolved(new, key)
+        if a != b:
+            diffs.append(f"{flag(key)} {json.dumps(b)} (was {json.dumps(a)})")
+    old_drafter, new_drafter = old.get("drafter_config") or {}, cfg.drafter_config or {}
+    for key in sorted(set(old_drafter) | set(new_drafter)):
+        if old_drafter.get(key) != new_drafter.get(key):
+            was = json.dumps(old_drafter[key]) if key in old_drafter else "unset"
+            now = json.dumps(new_drafter[key]) if key in new_drafter else "unset"
+            diffs.append(f"--set {key}={now} (was {was})")
+    if diffs:
+        raise InputError(
+            f"cannot resume the run in {out!r} with other settings: {'; '.join(diffs)}. Pass the run's values "
+            "to resume it, or use another --out (with --init-drafter to start from its drafter)"
+        )
 
 
 def full_drafter(accelerator, model, cfg, target, sharded: bool):
