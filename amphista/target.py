@@ -75,8 +75,8 @@ class TargetOutput:
 
 
 EXPECTED_TARGET = (
-    "expected a folder holding a Hugging Face causal LM: a config.json with its model_type and the weights "
-    "(model.safetensors), as written by save_pretrained"
+    "expected a folder holding a Hugging Face causal LM (a config.json with its model_type and the weights, "
+    "as written by save_pretrained), a .gguf file, or a known name (smollm2-135m-instruct)"
 )
 
 
@@ -143,13 +143,18 @@ class TargetModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | None = None):
-        """Load a local Hugging Face causal LM directory (and its tokenizer, when present).
+        """Load a causal LM (and its tokenizer, when present) from a local Hugging Face folder, a `.gguf`
+        file, or a known name (`smollm2-135m-instruct`); a GGUF file is converted once to a cached folder
+        (see `amphista.sources`).
 
         Raises InputError, naming what is wrong and what was expected, for a path that is not such a folder
         (missing, empty, an amphista drafter, a model that is not a causal LM, no weights)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = str(path)
+        from .sources import resolve_target
+
+        given = os.fspath(path)
+        path = str(resolve_target(given))
         config = check_model_dir(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -160,6 +165,8 @@ class TargetModel:
             ) from e
         except OSError as e:  # typically no weights file
             raise InputError(f"target {path!r} cannot be loaded: {_first_line(e)}; {EXPECTED_TARGET}") from e
+        if path != given:  # drafters record the name or file the user gave, not our cache folder
+            model.config._name_or_path = given
         if device:
             model.to(device)
         try:
