@@ -1,6 +1,6 @@
 """The speculative decode loop: draft a tree, verify it in one target forward, commit the accepted path.
 
-One step (METHOD.md):
+One step (docs/method.md, One decoding step):
   1. drafter: K per-head logits from the last committed position -> top-k -> candidate tree tokens
   2. target: one forward over the N tree tokens with the tree mask and depth positions
   3. verify: greedy / lossless rejection sampling / typical acceptance -> accepted nodes + bonus token

@@ -226,3 +226,16 @@ def test_interrupted_before_the_first_checkpoint(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "train", "--data", data, "--out", tmp_path / "out", "--max-steps", "4",
                        "--save-every", "2", "--batch-size", "2", "--seq-len", "48", "--set", "log_every=1")  # fmt: skip
     assert code == 130 and "nothing to resume" in err and "--resume" not in err, err
+
+
+def test_paths_in_a_train_config_become_text(tmp_path):
+    # The config is written to JSON with every checkpoint and compared on resume: a Path must not break it.
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from amphista.training import TrainConfig
+
+    cfg = TrainConfig(target=Path("model"), data=Path("a.jsonl"), eval_data=[Path("b.jsonl")], out=tmp_path / "run")
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["data"] == ["a.jsonl"]
+    assert (cfg.target, cfg.out, cfg.eval_data) == ("model", str(tmp_path / "run"), ["b.jsonl"])

@@ -3,7 +3,7 @@
     h_t, embed(x_{t+1}) -> SAL (causal, cached) -> a_t -> K ResBlocks -> h'_1..K -> AEB (bidirectional
     over K) -> K vocabulary heads -> logits for x_{t+2} .. x_{t+1+K}
 
-Initialised so that the untrained drafter equals the untrained Medusa one (docs/METHOD.md): every
+Initialised so that the untrained drafter equals the untrained Medusa one (docs/drafters.md, Initialisation): every
 residual branch starts at zero and the fusion passes h_t through.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 
 DRAFTERS = ("amphista", "medusa")
-# Best of those tried on the bundled model (docs/METHOD.md); Medusa-1's paper used 1e-3 at 7B.
+# Best of those tried on the bundled model (docs/method.md, Training); Medusa-1's paper used 1e-3 at 7B.
 DEFAULT_LR = {"amphista": 3e-3, "medusa": 1e-2}
 
 
@@ -125,6 +126,19 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     resume: bool | str = False  # True: latest checkpoint under out/checkpoints; or a checkpoint path
+
+    def __post_init__(self):
+        # Paths may come as pathlib.Path; the config is written to JSON and compared on resume as text.
+        for name in ("target", "out", "init_drafter"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.resume, os.PathLike):
+            self.resume = os.fspath(self.resume)
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)):  # one file given bare
+                value = [value]
+            setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.drafter, 1e-3)

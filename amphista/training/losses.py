@@ -1,6 +1,6 @@
 """The drafter's training loss: per head, LM loss to the data token plus alignment to the frozen target.
 
-Conventions (docs/METHOD.md, 0-based heads): the drafter at position t reads h_t and x_{t+1}; head k
+Conventions (docs/method.md, Training; 0-based heads): the drafter at position t reads h_t and x_{t+1}; head k
 predicts x_{t+2+k}. Its LM label is the data token x_{t+2+k}; its soft label is the target's own
 distribution at position t+1+k, which is the target's prediction of that same token. Per head:
 
