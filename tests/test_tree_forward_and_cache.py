@@ -83,7 +83,7 @@ def test_compacted_cache_equals_fresh_forward(arch):
 
 def test_cache_is_sized_by_the_request_not_the_context(llama):
     dec = amphista.SpeculativeDecoder(llama, OracleDrafter([], 97, 32), "mc_sim_7b_63")
-    req = dec._request([1, 2, 3], max_new_tokens=10)
+    req = dec._request([1, 2, 3], {"max_new_tokens": 10})
     cache = dec._new_cache(req)
     assert cache.max_len == 3 + 10 + 64
     assert llama.config.max_position_embeddings == 256
