@@ -22,6 +22,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .cpu import pack_linears
 from .errors import InputError
 
 
@@ -123,6 +124,8 @@ class TargetModel:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # Few-row forwards (trees, drafts) on the CPU: oneDNN on reordered weights (see amphista/cpu.py).
+        self.packed_linears = pack_linears(model)
         self.tokenizer = tokenizer
         self.config = model.config
         text_config = (
