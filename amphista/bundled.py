@@ -7,12 +7,16 @@ See docs/bundled-model.md for how it was converted and its license.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
-from .target import TargetModel
+
+if TYPE_CHECKING:  # torch stays out of `amphista --help`, which reads this module's defaults
+    import torch
+
+    from .target import TargetModel
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 
@@ -22,10 +26,15 @@ def default_target_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "stories260K"
 
 
-def load_default_target(dtype: torch.dtype = torch.float32) -> TargetModel:
-    """The bundled stories260K model and its tokenizer as a `TargetModel` (CPU, eval mode, frozen)."""
+def load_default_target(dtype: torch.dtype | None = None) -> TargetModel:
+    """The bundled stories260K model and its tokenizer as a `TargetModel` (CPU, eval mode, frozen; float32
+    unless `dtype` says otherwise)."""
+    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from .target import TargetModel
+
+    dtype = torch.float32 if dtype is None else dtype
     path = default_target_path()
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
@@ -41,11 +50,14 @@ def load_default_target(dtype: torch.dtype = torch.float32) -> TargetModel:
 BUNDLED_DRAFTERS = ("medusa", "amphista")
 
 
-def default_drafter_path(name: str = "amphista") -> Path:
-    """The folder of a drafter trained for the bundled model: "medusa" or "amphista"."""
+def default_drafter_path(name: str = "amphista", target=None) -> Path:
+    """The folder of a drafter shipped for `target` (default: the bundled model): "medusa" or "amphista"."""
     if name not in BUNDLED_DRAFTERS:
         raise CheckpointError(f"there is no bundled drafter {name!r}: choose one of {', '.join(BUNDLED_DRAFTERS)}")
-    path = Path(__file__).resolve().parent / "assets" / "drafters" / name
+    root = shipped_drafter_root(target)
+    if root is None:
+        raise CheckpointError(f"no drafters are shipped for the target {target!r}: pass a drafter folder")
+    path = root / name
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"the bundled {name} drafter is missing from {str(path)!r}: reinstall amphista, or train it with "
@@ -59,3 +71,54 @@ def load_default_drafter(name: str = "amphista", target: TargetModel | None = No
     from .drafters import load_drafter
 
     return load_drafter(default_drafter_path(name), target if target is not None else load_default_target())
+
+
+# The tree every command (generate, serve, bench, demo) verifies by default: the best DEFAULT_TREE_NODES-token
+# tree for the drafter's measured head accuracies (head_accuracy.json beside its weights), and Medusa's
+# mc_sim_7b_63 for a drafter without that file. Small targets verify few tokens fastest: on stories260K,
+# 8 nodes were the fastest size or within 1% of it for both shipped drafters (against 10, 12 and 16), and a
+# SmolLM2-135M tree forward costs about as much as a one-token forward up to ~4-8 tokens but ~1.5x at 16.
+DEFAULT_TREE = "auto"
+DEFAULT_TREE_NODES = 8
+FALLBACK_TREE = "mc_sim_7b_63"
+
+STORIES = "stories260K"
+_ASSETS = Path(__file__).resolve().parent / "assets"
+# Target name -> the folder holding the drafters trained for it, one subfolder per kind (medusa, amphista).
+SHIPPED_DRAFTERS = {
+    STORIES: _ASSETS / "drafters",
+    "smollm2-135m-instruct": _ASSETS / "drafters" / "smollm2-135m-instruct",
+}
+
+
+def target_name(target) -> str | None:
+    """The registry name of a target spec: None (the bundled model) -> "stories260K"; a known name in any
+    case -> that name; the bundled model's folder -> "stories260K"; anything else -> None."""
+    if target is None:
+        return STORIES
+    if not isinstance(target, (str, os.PathLike)):
+        return None
+    text = os.fspath(target)
+    for name in SHIPPED_DRAFTERS:
+        if text.lower() == name.lower() and not Path(text).exists():
+            return name
+    try:
+        if Path(text).resolve() == default_target_path():
+            return STORIES
+    except OSError:
+        return None
+    return None
+
+
+def shipped_drafter_root(target) -> Path | None:
+    """Where the drafters shipped for `target` live (whether or not they are installed), or None."""
+    name = target_name(target)
+    return SHIPPED_DRAFTERS.get(name) if name else None
+
+
+def shipped_drafters(target) -> dict[str, Path]:
+    """{kind: folder} for the drafters shipped for `target` that are installed (empty when none are)."""
+    root = shipped_drafter_root(target)
+    if root is None:
+        return {}
+    return {kind: root / kind for kind in BUNDLED_DRAFTERS if (root / kind / "config.json").is_file()}

@@ -80,8 +80,14 @@ class SpeculativeDecoder(Decoder):
     GenerateOutput also reports `accept_lengths` and `tau`, the mean tokens per target forward.
     """
 
+    # True: each generate() keeps, per decode step, the seconds spent in (drafting, tree forward, verification,
+    # cache commit) in `last_step_parts`; they add up to that step's entry of `step_times`. Off by default:
+    # on a GPU the parts need a synchronisation each, which would cost the plain loop its overlap.
+    profile_steps = False
+
     def __init__(self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None):
         super().__init__(target, tokenizer)
+        self.last_step_parts: list[tuple[float, float, float, float]] = []
         if not isinstance(drafter, Drafter):
             raise InputError(f"drafter must be an amphista Drafter, got {type(drafter).__name__}")
         drafter.attach(self.target)
@@ -131,6 +137,8 @@ class SpeculativeDecoder(Decoder):
         generated: list[int] = []
         accept_lengths: list[int] = []
         step_times: list[float] = []
+        parts = [] if self.profile_steps else None
+        self.last_step_parts = parts if parts is not None else []
 
         # Prefill: the prompt, then the first token from the target alone.
         ts = time.perf_counter()
@@ -154,19 +162,27 @@ class SpeculativeDecoder(Decoder):
             ts = time.perf_counter()
             start = cache.length  # position of the root
             with decode_attention(device):
-                draft_logits = drafter.draft(*draft_in)  # (K, V)
-            top = torch.topk(draft_logits[:depth], k, dim=-1).indices  # (D, k)
+                top = drafter.draft_topk(*draft_in, depth, k)  # (D, k) target ids
             tokens = torch.cat([torch.tensor([root], device=device), top.view(-1)[buf.flat]])  # (N,)
+            if parts is not None:
+                sync(device)
+                t_draft = time.perf_counter()
             out = target.forward(
                 tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start), cache=cache
             )
             logits = out.logits[0]  # (N, V)
+            if parts is not None:
+                sync(device)
+                t_forward = time.perf_counter()
             if params.greedy:
                 nodes, idx, bonus = verify_greedy(tokens, logits, buf)
             elif request.acceptance == "typical":
                 nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.generator)
             else:
                 nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.generator)
+            if parts is not None:
+                sync(device)
+                t_verify = time.perf_counter()
             cache.commit(start, idx, nodes)
             new = tokens[idx[1:]].tolist() + [bonus]
             emitted, reason = request.stop(generated, new)
@@ -176,7 +192,10 @@ class SpeculativeDecoder(Decoder):
             draft_in = (out.hidden[:, idx], torch.tensor([new], device=device), start)
             root = bonus
             sync(device)
-            step_times.append(time.perf_counter() - ts)
+            te = time.perf_counter()
+            step_times.append(te - ts)
+            if parts is not None:
+                parts.append((t_draft - ts, t_forward - t_draft, t_verify - t_forward, te - t_verify))
             accept_lengths.append(len(emitted))
             yield emitted
         return self._output(request, generated, accept_lengths, reason, t0, step_times)

@@ -1,7 +1,9 @@
-"""`amphista demo`: the bundled model decoded three ways -- vanilla, Medusa, Amphista -- side by side.
+"""`amphista demo`: a target decoded three ways -- vanilla, Medusa, Amphista -- side by side.
 
-A small benchmark (amphista.bench) on a few of the shipped story openings: tokens/s, speedup over
-vanilla, tau, and whether each output equals vanilla's token for token; then one generated story.
+A small benchmark (amphista.bench) on a few prompts: tokens/s, speedup over vanilla, tau, and whether each
+output equals vanilla's token for token; then one generated answer. The bundled stories260K model gets
+story openings; another target (`--target smollm2-135m-instruct`) gets MT-Bench first turns through its
+chat template, with the drafters shipped for it.
 """
 
 from __future__ import annotations
@@ -9,39 +11,62 @@ from __future__ import annotations
 import json
 import sys
 
+from .bundled import DEFAULT_TREE_NODES
 from .cli import HelpFormatter, int_range, positive_int
+
+# (prompts, max new tokens, runs): the bundled model decodes ~1000 tokens/s; a 135M chat model ~20, so
+# there the demo answers fewer, shorter prompts once to finish in about a minute.
+BUNDLED_SIZE = (6, 128, 3)
+CHAT_SIZE = (4, 64, 1)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="bundled model: vanilla vs Medusa vs Amphista, side by side",
-        description="Decode a few story openings with the bundled stories260K model and its bundled drafters, "
-        "and compare speed and output with plain decoding.",
+        help="vanilla vs Medusa vs Amphista, side by side (bundled model, or --target)",
+        description="Decode a few prompts with a target and its shipped drafters (default: the bundled "
+        "stories260K model on story openings; --target smollm2-135m-instruct: MT-Bench first turns through its "
+        "chat template) and compare speed and output with plain decoding.",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
-        "--prompts", type=positive_int, default=6, help="story openings to decode (one per category first)"
+        "--target",
+        help="a model name (smollm2-135m-instruct), folder or .gguf file (default: the bundled stories260K)",
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens per opening")
     p.add_argument(
-        "--runs", type=positive_int, default=3, help="repeat everything this many times (mean ± std)"
+        "--prompts",
+        type=positive_int,
+        help=f"prompts to decode, one per category first; {CHAT_SIZE[0]} with --target (default: {BUNDLED_SIZE[0]})",
     )
-    # At this model's size a forward costs ~1 ms and verifying 16 tokens costs half as much again, so small
-    # trees built from each drafter's head accuracies win: in two `amphista bench --tree-sweep` runs of the
-    # shipped drafters, 8 nodes were the fastest size or within 1% of it for both drafters (against 10 and 12;
-    # 16 was slower before), and the 64-node mc_sim_7b_63 is slower than vanilla here.
     p.add_argument(
-        "--tree", default="auto", help="'auto' (built from head accuracies), a tree name or JSON file"
+        "--max-new-tokens",
+        type=positive_int,
+        help=f"most tokens per prompt; {CHAT_SIZE[1]} with --target (default: {BUNDLED_SIZE[1]})",
+    )
+    p.add_argument(
+        "--runs",
+        type=positive_int,
+        help=f"repeat everything this many times (mean ± std); {CHAT_SIZE[2]} with --target "
+        f"(default: {BUNDLED_SIZE[2]})",
+    )
+    # The same default tree as every other command (amphista.bundled.DEFAULT_TREE_NODES, from head accuracies).
+    p.add_argument(
+        "--tree",
+        default=None,
+        help="'auto' (built from head accuracies; the default where they exist, else mc_sim_7b_63), "
+        "a tree name or JSON file",
     )
     p.add_argument(
         "--tree-nodes",
         type=int_range(2, what="an integer of at least 2"),
-        default=8,
-        help="size of 'auto' trees",
+        default=DEFAULT_TREE_NODES,
+        help="size of 'auto' trees, root included",
     )
     p.add_argument(
-        "--drafter", action="append", metavar="NAME=DIR", help="other drafters (default: the bundled)"
+        "--drafter",
+        action="append",
+        metavar="NAME=DIR",
+        help="other drafters (default: those shipped for the target)",
     )
     # A 64-wide model's ops are too small to split: on 2 cores every method ran 10-20% slower with 2 threads.
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
@@ -49,11 +74,16 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_demo)
 
 
-def demo_questions(n: int):
-    """The first single-turn opening of each category, then the next ones, so a few prompts stay varied."""
+def demo_questions(n: int, chat: bool = False):
+    """A few varied single-turn prompts, one per category first: story openings for the bundled model,
+    MT-Bench first turns (`chat`) for a chat model."""
     from .bench import load_questions
+    from .bench.questions import Question
 
-    pool = [q for q in load_questions() if len(q.turns) == 1]
+    if chat:
+        pool = [Question(q.question_id, q.category, q.turns[:1]) for q in load_questions("mt_bench")]
+    else:
+        pool = [q for q in load_questions() if len(q.turns) == 1]
     by_cat: dict[str, list] = {}
     for q in pool:
         by_cat.setdefault(q.category, []).append(q)
@@ -67,15 +97,29 @@ def demo_questions(n: int):
 
 def run_demo(args) -> int:
     from .bench import BenchConfig, benchmark
-    from .bench.loading import parse_drafter_args
+    from .bench.loading import drafter_note, parse_drafter_args, shipped_drafters
     from .bench.methods import LOOP
-    from .bench.report import methods_table
+    from .bench.report import breakdown_table, methods_table
+    from .errors import CheckpointError
 
+    chat = args.target is not None
+    sizes = CHAT_SIZE if chat else BUNDLED_SIZE
+    n_prompts, max_new, runs = (
+        given if given is not None else default
+        for given, default in zip((args.prompts, args.max_new_tokens, args.runs), sizes)
+    )
+    drafters = parse_drafter_args(args.drafter) if args.drafter else None
+    if chat and drafters is None:
+        drafters = shipped_drafters(args.target)
+        if not drafters:
+            raise CheckpointError(drafter_note(args.target, "a side-by-side needs at least one drafter"))
+        print(f"amphista demo: {drafter_note(args.target)}", file=sys.stderr)
     cfg = BenchConfig(
-        drafters=parse_drafter_args(args.drafter) if args.drafter else None,
-        questions=demo_questions(args.prompts),
-        max_new_tokens=args.max_new_tokens,
-        runs=args.runs,
+        target=args.target,
+        drafters=drafters,
+        questions=demo_questions(n_prompts, chat),
+        max_new_tokens=max_new,
+        runs=runs,
         tree=args.tree,
         tree_nodes=args.tree_nodes,
         threads=args.threads,
@@ -88,21 +132,31 @@ def run_demo(args) -> int:
         print(json.dumps({**results, "story": story}, indent=2, ensure_ascii=False))
         return 1 if results["warnings"] else 0
     env = results["environment"]
+    name = args.target or "stories260K"
+    threads = f"{env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}"
+    what = "MT-Bench first turns" if chat else "story openings"
     print(
-        f"\nstories260K on {env['gpu'] or env['cpu']} ({env['torch_threads']} thread{'s' if env['torch_threads'] != 1 else ''}), {len(cfg.questions)} story "
-        f"openings, {args.max_new_tokens} new tokens max, greedy, {args.runs} run(s):\n"
+        f"\n{name} on {env['gpu'] or env['cpu']} ({threads}), {len(cfg.questions)} {what}, "
+        f"{max_new} new tokens max, greedy, {runs} run(s):\n"
     )
     trees = ", ".join(
         f"{n}: {m['tree']['num_nodes']}" for n, m in results["methods"].items() if m.get("tree")
     )
     print(methods_table(results))
     print(f"\ntree nodes per step (root included): {trees}")
+    breakdown = breakdown_table(results)
+    if breakdown:
+        print("\nmean ms per decode step (verification = tree forward + verify + commit):\n" + breakdown)
     print(
         f"\nspeedup: tokens/s over vanilla ({results['vanilla']['baseline']}, the faster of amphista's loop "
         "and transformers generate()); tau: tokens per target forward, bonus included; exact match: "
         f"output equal to {LOOP}'s, token for token."
     )
-    print(f"\n--- {story['method']}, prompt {story['question_id']} ---\n{story['prompt']}{story['text']}")
+    if chat:
+        body = f"User: {story['prompt']}\nAssistant: {story['text']}"
+    else:
+        body = story["prompt"] + story["text"]
+    print(f"\n--- {story['method']}, prompt {story['question_id']} ---\n{body}")
     print(
         f"--- {story['new_tokens']} tokens in {story['steps']} target forwards; identical to vanilla: "
         f"{story['equals_vanilla']} ---"

@@ -184,13 +184,13 @@ def test_help_shows_the_defaults(capsys):
     for command, shown in [
         (
             "serve",
-            ["(default: 8000)", "(default: info)", "(default: 256)", "(default: 1048576)", "(default: 16)"],
+            ["(default: 8000)", "(default: info)", "(default: 256)", "(default: 1048576)", "(default: 8)"],
         ),
         (
             "generate",
             ["(default: 128)", "(default: 1.0)", "(default: 0)", "(default: --stream)", "only with --chat"],
         ),
-        ("demo", ["(default: 6)", "(default: 3)", "(default: 8)", "(default: auto)", "(default: 1)"]),
+        ("demo", ["(default: 6)", "(default: 3)", "(default: 8)", "(default: 1)"]),
     ]:
         code, out, _ = run(capsys, command, "--help")
         assert code == 0

@@ -60,3 +60,19 @@ def test_demo_without_drafters_names_the_training_script(tmp_path, monkeypatch, 
 def test_demo_prompts_are_varied():
     qs = demo_questions(4)
     assert len({q.category for q in qs}) == 4 and all(len(q.turns) == 1 for q in qs)
+
+
+def test_demo_with_a_target_uses_its_shipped_drafters_and_mt_bench(capsys):
+    # The bundled model's folder given as --target resolves to the stories260K entry of the registry, so
+    # the demo takes its shipped drafters by itself and answers MT-Bench first turns.
+    target = str(amphista.bundled.default_target_path())
+    code = main(["demo", "--json", "--target", target, "--prompts", "2", "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "using the drafters shipped for stories260K: medusa, amphista" in captured.err
+    results = json.loads(captured.out)
+    assert set(results["methods"]) == {"vanilla_loop", "vanilla_hf", "medusa", "amphista"}
+    assert results["settings"]["categories"] == ["writing", "roleplay"]
+    assert results["settings"]["runs"] == 1  # the chat-sized default
+    assert results["story"]["equals_vanilla"] is True
+    assert results["story"]["prompt"].startswith("Compose an engaging travel blog post")

@@ -12,6 +12,7 @@ from .._lazy import lazy_module
 
 _EXPORTS = {
     "Question": "questions",
+    "bundled_questions_path": "questions",
     "default_questions_path": "questions",
     "load_questions": "questions",
     "BenchConfig": "runner",

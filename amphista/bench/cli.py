@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..bundled import DEFAULT_TREE_NODES, FALLBACK_TREE
 from ..cli import HelpFormatter, float_range, int_range, positive_int
 from ..errors import InputError
 
@@ -17,14 +18,22 @@ def add_parser(sub) -> None:
         description="Vanilla decoding (the faster of amphista's loop and transformers generate()) and every "
         "drafter, on the same prompts in one process; tokens/s, speedup, tau, step latency, greedy exactness.",
     )
-    p.add_argument("--target", help="Hugging Face model folder (default: the bundled stories260K model)")
+    p.add_argument(
+        "--target",
+        help="Hugging Face model folder, .gguf file or smollm2-135m-instruct (default: the bundled stories260K)",
+    )
     p.add_argument(
         "--drafter",
         action="append",
         metavar="NAME=DIR",
-        help="a drafter folder, repeatable (default with the bundled target: its medusa and amphista)",
+        help="a drafter folder, repeatable (default: the medusa and amphista drafters shipped for the target, "
+        "when there are any)",
     )
-    p.add_argument("--questions", help="MT-Bench/Spec-Bench JSONL (default: the shipped story openings)")
+    p.add_argument(
+        "--questions",
+        help="MT-Bench/Spec-Bench JSONL file, or a bundled set: mt_bench, stories (default: stories with the "
+        "bundled model, mt_bench with --target)",
+    )
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--limit", type=positive_int, help="at most this many questions (default: all)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit per turn")
@@ -52,14 +61,15 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument(
         "--tree",
-        default="mc_sim_7b_63",
-        help="tree name, JSON file, or 'auto' (built from each drafter's head_accuracy.json)",
+        default=None,
+        help="tree name (mc_sim_7b_63, chain), JSON file, or 'auto' (built from each drafter's "
+        f"head_accuracy.json; the default where it exists, else {FALLBACK_TREE}, as in generate and serve)",
     )
     p.add_argument(
         "--tree-nodes",
         type=int_range(2, what="an integer, at least 2"),
-        default=64,
-        help="size of 'auto' trees",
+        default=DEFAULT_TREE_NODES,
+        help="size of 'auto' trees, root included (the same default as generate, serve and demo)",
     )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
     p.add_argument(
@@ -151,15 +161,13 @@ def config_from_args(args):
 
 
 def run_bench(args) -> int:
+    from .loading import drafter_note
     from .report import markdown
     from .runner import run_benchmark
 
     cfg = config_from_args(args)
     if cfg.target is not None and cfg.drafters is None:
-        print(
-            "amphista bench: no --drafter given for this target: timing vanilla decoding only",
-            file=sys.stderr,
-        )
+        print(f"amphista bench: {drafter_note(cfg.target)}", file=sys.stderr)
     results = run_benchmark(cfg)
     print(markdown(results))
     print(f"\nwritten to {args.out}/ (results.json, results.md, answers/, plots)")

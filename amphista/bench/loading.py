@@ -51,6 +51,28 @@ def bundled_drafters() -> dict[str, Path]:
     return found
 
 
+def shipped_drafters(target) -> dict[str, Path]:
+    """The drafters shipped for a target given by name (see amphista.bundled.SHIPPED_DRAFTERS) that are
+    installed; {} for any other target."""
+    return bundled.shipped_drafters(target) if isinstance(target, (str, os.PathLike)) else {}
+
+
+def drafter_note(target, fallback: str = "timing vanilla decoding only") -> str:
+    """One line for a bench or demo run given a target and no --drafter: which drafters it picked, or that
+    none were found and what happens instead (`fallback`)."""
+    name = bundled.target_name(target)
+    found = shipped_drafters(target)
+    if found:
+        where = found[next(iter(found))].parent
+        return f"using the drafters shipped for {name}: {', '.join(found)} ({where})"
+    if name is not None:
+        return (
+            f"no drafters are shipped for {name} in this installation (looked in "
+            f"{bundled.shipped_drafter_root(target)}): {fallback}; pass --drafter NAME=DIR"
+        )
+    return f"no --drafter given for this target: {fallback}"
+
+
 def parse_drafter_args(values: list[str] | None) -> dict[str, str]:
     """["medusa=DIR", "DIR2"] -> {"medusa": "DIR", "<basename of DIR2>": "DIR2"}."""
     out: dict[str, str] = {}
@@ -96,6 +118,9 @@ def target_shape(spec) -> dict | None:
         spec = bundled.default_target_path()
     if not isinstance(spec, (str, os.PathLike)):
         return None
+    from ..sources import resolve_target
+
+    spec = resolve_target(spec)  # a GGUF file or a known name: its (cached) converted folder
     check_model_dir(spec)
     from transformers import AutoConfig
 

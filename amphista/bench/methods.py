@@ -37,6 +37,9 @@ class TurnOutput:
     accept_lengths: list[int]  # per target forward, bonus included, prefill first (counts 1)
     step_times: list[float]  # seconds per target forward, prefill first
     finish_reason: str = ""
+    # Per decode step (prefill excluded), seconds in (draft, tree forward, verification, cache commit):
+    # speculative methods whose decoder profiles its steps (SpeculativeDecoder.profile_steps); else None.
+    step_parts: list[tuple[float, float, float, float]] | None = None
 
 
 @dataclass
@@ -63,8 +66,9 @@ class Method:
         out = self.runner.generate(prompt, **kwargs)
         sync(target.device)
         wall = time.perf_counter() - t0
+        parts = list(self.runner.last_step_parts) if getattr(self.runner, "profile_steps", False) else None
         return TurnOutput(
-            out.new_tokens, wall, list(out.accept_lengths), list(out.step_times), out.finish_reason
+            out.new_tokens, wall, list(out.accept_lengths), list(out.step_times), out.finish_reason, parts
         )
 
 

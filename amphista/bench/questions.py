@@ -28,9 +28,32 @@ class Question:
     extra: dict = field(default_factory=dict)
 
 
+# Question sets shipped in the package, by the name `--questions` accepts (origins and licenses in
+# amphista/assets/questions/README.md).
+BUNDLED_QUESTIONS = {
+    "mt_bench": ("questions", "mt_bench.jsonl"),
+    "stories": ("prompts", "stories.jsonl"),
+}
+
+
+def bundled_questions_path(name: str) -> Path:
+    """The file of a bundled question set: "mt_bench" (MT-Bench, 80 two-turn questions) or "stories"."""
+    if name not in BUNDLED_QUESTIONS:
+        raise InputError(f"no bundled question set {name!r}: choose one of {', '.join(BUNDLED_QUESTIONS)}")
+    return Path(str(resources.files("amphista").joinpath("assets", *BUNDLED_QUESTIONS[name])))
+
+
 def default_questions_path() -> Path:
     """The story openings shipped for the bundled model."""
-    return Path(str(resources.files("amphista").joinpath("assets", "prompts", "stories.jsonl")))
+    return bundled_questions_path("stories")
+
+
+def questions_path(source: str | Path) -> Path:
+    """A bundled set's name or a file path -> the file (an existing file wins over a name)."""
+    text = str(source)
+    if text in BUNDLED_QUESTIONS and not Path(text).exists():
+        return bundled_questions_path(text)
+    return Path(source)
 
 
 def parse_question(obj, where: str) -> Question:
@@ -53,12 +76,13 @@ def parse_question(obj, where: str) -> Question:
 
 
 def load_questions(source=None, categories=None, limit: int | None = None) -> list[Question]:
-    """Questions from a JSONL file (None: the shipped story openings) or a list of dicts/Questions,
-    filtered to `categories` (a list or "a,b"), in file order, at most `limit` of them."""
+    """Questions from a JSONL file, a bundled set's name ("mt_bench", "stories"; None: the story openings)
+    or a list of dicts/Questions, filtered to `categories` (a list or "a,b"), in file order, at most
+    `limit` of them."""
     if source is None:
         source = default_questions_path()
     if isinstance(source, (str, Path)):
-        questions = _read_jsonl(Path(source))
+        questions = _read_jsonl(questions_path(source))
     else:
         questions = [
             q if isinstance(q, Question) else parse_question(q, f"question #{i}")
@@ -94,7 +118,8 @@ def load_questions(source=None, categories=None, limit: int | None = None) -> li
 def _read_jsonl(path: Path) -> list[Question]:
     if not path.is_file():
         raise InputError(
-            f"question file {str(path)!r} does not exist: pass a JSONL file in the MT-Bench schema"
+            f"question file {str(path)!r} does not exist: pass a JSONL file in the MT-Bench schema or a "
+            f"bundled set ({', '.join(BUNDLED_QUESTIONS)})"
         )
     from ..training.data import read_text
 

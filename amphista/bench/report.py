@@ -57,6 +57,8 @@ def _pm(m: dict, key: str, fmt: str, suffix: str = "") -> str:
 
 
 def _exact(m: dict) -> str:
+    if m["exact_match"] is None:
+        return "n/a (sampled)"
     if m["exact_mismatches"]:
         return f"**MISMATCH {m['exact_mismatches']}/{m['turns']}**"
     return f"{100 * m['exact_match']:.0f}%"
@@ -78,20 +80,41 @@ def methods_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def category_table(results: dict) -> str:
+CATEGORY_METRICS = {"speedup": (".2f", "x"), "tau": (".2f", ""), "tokens_per_s": (".1f", "")}
+
+
+def category_table(results: dict, key: str = "speedup") -> str:
+    """One row per method, one column per category (in question order) and overall, as in the papers'
+    MT-Bench tables; `key`: "speedup", "tau" or "tokens_per_s"."""
+    fmt, suffix = CATEGORY_METRICS[key]
     methods = results["methods"]
     cats = list(next(iter(methods.values()))["categories"])
     rows = ["| method | " + " | ".join(cats) + " | overall |", "|---|" + "---:|" * (len(cats) + 1)]
     for name, m in methods.items():
-        cells = [
-            f"{_num(m['categories'][c]['speedup'], '.2f')}x / {_num(m['categories'][c]['tau'], '.2f')}"
-            for c in cats
-        ]
+        cells = [m["categories"][c][key] for c in cats] + [m[key]]
         rows.append(
-            f"| {name} | "
-            + " | ".join(cells)
-            + f" | {_num(m['speedup'], '.2f')}x / {_num(m['tau'], '.2f')} |"
+            f"| {name} | " + " | ".join("n/a" if v is None else f"{v:{fmt}}{suffix}" for v in cells) + " |"
         )
+    return "\n".join(rows)
+
+
+def breakdown_table(results: dict) -> str | None:
+    """Mean ms per decode step: a speculative step split into its parts, next to vanilla's whole step
+    (one target forward of one token, plus picking it)."""
+    methods = results["methods"]
+    if not any(m.get("step_breakdown") for m in methods.values()):
+        return None
+    rows = [
+        "| method | step | draft | verification | = tree forward | + verify | + commit | tau |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in methods.items():
+        b = m.get("step_breakdown")
+        if b:
+            cells = [b[k] for k in ("step_ms", "draft_ms", "verification_ms", "tree_forward_ms", "verify_ms", "commit_ms")]
+            rows.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells) + f" | {_num(m['tau'], '.2f')} |")
+        elif m["kind"] == "vanilla" and m.get("step_ms_mean") is not None:
+            rows.append(f"| {name} (one-token forward) | {m['step_ms_mean']:.2f} | | | | | | 1.00 |")
     return "\n".join(rows)
 
 
@@ -125,7 +148,26 @@ def markdown(results: dict) -> str:
     ]
     for w in results["warnings"]:
         parts += [f"> **WARNING** {w}", ""]
-    parts += [methods_table(results), "", "## Speedup / tau by category", "", category_table(results), ""]
+    if not s["greedy"]:
+        parts += [
+            "Sampled: outputs are not compared with vanilla's (exact match n/a); losslessness under sampling "
+            "is a property of the output distribution, not of single samples.",
+            "",
+        ]
+    parts += [methods_table(results), ""]
+    for key, title in (("speedup", "Speedup"), ("tau", "tau"), ("tokens_per_s", "Tokens/s")):
+        parts += [f"## {title} by category", "", category_table(results, key), ""]
+    breakdown = breakdown_table(results)
+    if breakdown:
+        parts += [
+            "## Step breakdown (mean ms per decode step)",
+            "",
+            "draft: the drafter's heads and the top-k that builds the tree; verification: the target's tree "
+            "forward, the acceptance test and the cache commit (with the stop check and bookkeeping).",
+            "",
+            breakdown,
+            "",
+        ]
     if results.get("tree_sweep"):
         parts += ["## Tree size sweep", "", sweep_table(results), ""]
     return "\n".join(parts)

@@ -12,16 +12,25 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..bundled import DEFAULT_TREE_NODES, FALLBACK_TREE
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
 from ..tree import TreeSpec, build_tree, expected_tau
 from . import loading
 from .environment import drafter_info, environment
 from .methods import HF, LOOP, Method, Settings, vanilla_methods
-from .questions import answer_text, default_questions_path, load_questions, turn_prompt
+from .questions import (
+    answer_text,
+    bundled_questions_path,
+    default_questions_path,
+    load_questions,
+    questions_path,
+    turn_prompt,
+)
 from .stats import Record, summarize
 
 WARMUP_TOKENS = 32
@@ -30,8 +39,9 @@ WARMUP_TOKENS = 32
 @dataclass
 class BenchConfig:
     target: object = None  # None: the bundled model; a folder; a TargetModel or transformers model
-    drafters: dict | None = None  # name -> folder or Drafter; None: the bundled ones (bundled target only)
-    questions: object = None  # JSONL file or list of question dicts; None: the shipped story openings
+    drafters: dict | None = None  # name -> folder or Drafter; None: those shipped for the target, if any
+    # JSONL file, bundled set name or list of dicts; None: the story openings (bundled target) or mt_bench
+    questions: object = None
     categories: list[str] | str | None = None
     limit: int | None = None  # at most this many questions (after the category filter)
     max_new_tokens: int = 256
@@ -41,8 +51,9 @@ class BenchConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
-    tree: object = "mc_sim_7b_63"  # a name, a JSON file, a path list, or "auto" (built from head accuracies)
-    tree_nodes: int = 64  # size of "auto" trees
+    # None: the default of every command -- "auto" for a drafter with head accuracies, else FALLBACK_TREE.
+    tree: object = None  # a name, a JSON file, a path list, or "auto" (built from head accuracies)
+    tree_nodes: int = DEFAULT_TREE_NODES  # size of "auto" trees
     tree_sweep: list[int] | None = None  # one method per drafter and tree size, built from head accuracies
     head_accuracies: dict = field(default_factory=dict)  # name -> file or list; default: head_accuracy.json
     hf_baseline: bool = True  # also time `transformers` generate() as a vanilla candidate
@@ -52,6 +63,9 @@ class BenchConfig:
     device: str | None = None
     dtype: str = "auto"
     threads: int | None = None
+    # Time each speculative step's parts (draft, tree forward, verify, commit). None: on CPU only, where
+    # it costs nothing; on a GPU each part needs a synchronisation that would slow the step it measures.
+    step_breakdown: bool | None = None
     out: str | None = None  # results folder; None: nothing is written
     progress: bool = True
     plots: bool = True
@@ -71,18 +85,37 @@ def _check_settings(cfg: BenchConfig) -> None:
         raise InputError(f"{sorted(clash)} are the vanilla methods' names: name custom methods differently")
 
 
+def _questions_source(cfg: BenchConfig):
+    """The story openings suit the bundled model only; any other target gets MT-Bench by default."""
+    if cfg.questions is not None:
+        return cfg.questions
+    return default_questions_path() if cfg.target is None else bundled_questions_path("mt_bench")
+
+
 def _drafter_specs(cfg: BenchConfig) -> dict:
     if cfg.drafters is not None:
         return dict(cfg.drafters)
-    return dict(loading.bundled_drafters()) if cfg.target is None else {}
+    if cfg.target is None:
+        return dict(loading.bundled_drafters())
+    return dict(loading.shipped_drafters(cfg.target))
 
 
 def _is_path(spec) -> bool:
     return isinstance(spec, (str, os.PathLike))
 
 
-def _needs_accuracies(cfg: BenchConfig) -> bool:
-    return cfg.tree_sweep is not None or (isinstance(cfg.tree, str) and cfg.tree == "auto")
+def _tree_choice(cfg: BenchConfig, name: str, spec):
+    """The tree a drafter runs with: cfg.tree, or by default a tree built from its head accuracies when
+    it has them (generate and serve choose the same way) and FALLBACK_TREE when it does not."""
+    if cfg.tree is not None:
+        return cfg.tree
+    has = name in cfg.head_accuracies or (_is_path(spec) and (Path(spec) / loading.ACCURACY_FILE).is_file())
+    return "auto" if has else FALLBACK_TREE
+
+
+def _needs_accuracies(cfg: BenchConfig, name: str, spec) -> bool:
+    choice = _tree_choice(cfg, name, spec)
+    return cfg.tree_sweep is not None or (isinstance(choice, str) and choice == "auto")
 
 
 def prepare(cfg: BenchConfig):
@@ -92,7 +125,7 @@ def prepare(cfg: BenchConfig):
         from ..training.data import check_output
 
         check_output(cfg.out, "--out", folder=True)  # the results must not be lost after the whole run
-    questions = load_questions(cfg.questions, cfg.categories, cfg.limit)
+    questions = load_questions(_questions_source(cfg), cfg.categories, cfg.limit)
     specs = _drafter_specs(cfg)
     shape = loading.target_shape(cfg.target) if any(map(_is_path, specs.values())) else None
     for name, spec in specs.items():
@@ -100,8 +133,8 @@ def prepare(cfg: BenchConfig):
             loading.check_drafter_dir(name, spec, shape)
     loading.check_tree(cfg.tree)
     accuracies = {}
-    if _needs_accuracies(cfg):
-        for name, spec in specs.items():
+    for name, spec in specs.items():
+        if _needs_accuracies(cfg, name, spec):
             path = spec if _is_path(spec) else None
             accuracies[name] = loading.accuracies_for(name, path, cfg.head_accuracies.get(name), cfg.temperature == 0)
 
@@ -109,6 +142,7 @@ def prepare(cfg: BenchConfig):
         torch.set_num_threads(cfg.threads)
     target = loading.load_target(cfg.target, cfg.device, cfg.dtype)
     methods = vanilla_methods(target, cfg.hf_baseline)
+    profile = target.device.type == "cpu" if cfg.step_breakdown is None else bool(cfg.step_breakdown)
     sweep = {}
     for name, spec in specs.items():
         path = spec if _is_path(spec) else None
@@ -118,15 +152,16 @@ def prepare(cfg: BenchConfig):
             for n in cfg.tree_sweep:
                 tree = build_tree(accuracies[name], int(n))
                 sweep.setdefault(name, []).append((f"{name}@{n}", int(n), expected_tau(tree, accuracies[name])))
-                methods.append(_speculative(f"{name}@{n}", target, drafter, tree, info, f"build_tree({n})"))
+                methods.append(
+                    _speculative(f"{name}@{n}", target, drafter, tree, info, f"build_tree({n})", profile)
+                )
         else:
-            tree = loading.tree_for(cfg.tree, cfg.tree_nodes, accuracies.get(name))
+            choice = _tree_choice(cfg, name, spec)
+            tree = loading.tree_for(choice, cfg.tree_nodes, accuracies.get(name))
             source = (
-                f"build_tree({cfg.tree_nodes})"
-                if isinstance(tree, TreeSpec) and cfg.tree == "auto"
-                else cfg.tree
+                f"build_tree({cfg.tree_nodes})" if isinstance(tree, TreeSpec) and choice == "auto" else choice
             )
-            methods.append(_speculative(name, target, drafter, tree, info, source))
+            methods.append(_speculative(name, target, drafter, tree, info, source, profile))
     for name, obj in cfg.extra_methods.items():
         methods.append(Method(name, obj, "custom", {"class": type(obj).__name__}))
     for q in questions:  # later turns depend on the answers; the first ones can be checked now
@@ -139,8 +174,9 @@ def prepare(cfg: BenchConfig):
     return target, questions, methods, sweep
 
 
-def _speculative(name, target, drafter, tree, info, source) -> Method:
+def _speculative(name, target, drafter, tree, info, source, profile: bool = False) -> Method:
     decoder = SpeculativeDecoder(target, drafter, tree=tree)  # raises DrafterMismatchError / TreeError
+    decoder.profile_steps = profile
     spec = decoder.tree
     tree_info = {
         "source": source if isinstance(source, str) else "paths",
@@ -212,13 +248,16 @@ def benchmark(cfg: BenchConfig) -> tuple[dict, list[Record]]:
     t0 = time.time()
     records = execute(cfg, target, questions, methods)
     names = [m.name for m in methods]
-    summary, vanilla = summarize(records, names, cfg.runs)
+    summary, vanilla = summarize(records, names, cfg.runs, greedy=cfg.temperature == 0)
     for m in methods:
         summary[m.name] = {"kind": m.kind, **m.info, **summary[m.name]}
     results = {
         "methods": summary,
         "vanilla": vanilla,
-        "settings": _settings_dict(cfg, questions),
+        "settings": {
+            **_settings_dict(cfg, questions),
+            "step_breakdown": any(getattr(m.runner, "profile_steps", False) for m in methods),
+        },
         "environment": environment(target),
         "elapsed_s": time.time() - t0,
         "warnings": _warnings(summary, cfg),
@@ -261,12 +300,13 @@ def _settings_dict(cfg: BenchConfig, questions) -> dict:
         "dtype",
         "threads",
         "limit",
+        "step_breakdown",
     )
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
-    d["tree"] = cfg.tree if isinstance(cfg.tree, str) or cfg.tree is None else "paths"
-    source = default_questions_path() if cfg.questions is None else cfg.questions
-    d["questions"] = str(source) if _is_path(source) else "list"
-    d["categories"] = sorted({q.category for q in questions})
+    d["tree"] = "default" if cfg.tree is None else cfg.tree if isinstance(cfg.tree, str) else "paths"
+    source = _questions_source(cfg)
+    d["questions"] = str(questions_path(source)) if _is_path(source) else "list"
+    d["categories"] = list(dict.fromkeys(q.category for q in questions))
     d["num_questions"] = len(questions)
     d["num_turns"] = sum(len(q.turns) for q in questions)
     d["greedy"] = cfg.temperature == 0

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from .methods import LOOP, VANILLA, TurnOutput
 
 WITH_STD = ("tokens_per_s", "speedup", "tau", "step_ms_mean", "wall_time")
+# The parts of a speculative step, in the order TurnOutput.step_parts holds them.
+STEP_PARTS = ("draft_ms", "tree_forward_ms", "verify_ms", "commit_ms")
 
 
 @dataclass
@@ -57,6 +59,21 @@ def run_totals(recs: list[Record]) -> dict:
     }
 
 
+def step_breakdown(recs: list[Record]) -> dict | None:
+    """Mean milliseconds per decode step in each part of a speculative step, over every profiled step of
+    `recs`; "verification_ms" is tree forward + verify + commit, "step_ms" the whole step. None when no
+    record was profiled (vanilla and custom methods)."""
+    parts = [p for r in recs if r.out.step_parts for p in r.out.step_parts]
+    if not parts:
+        return None
+    n = len(parts)
+    out = {name: 1000 * sum(p[i] for p in parts) / n for i, name in enumerate(STEP_PARTS)}
+    out["verification_ms"] = out["tree_forward_ms"] + out["verify_ms"] + out["commit_ms"]
+    out["step_ms"] = out["draft_ms"] + out["verification_ms"]
+    out["steps"] = n
+    return out
+
+
 def _mean_std(values: list) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -88,9 +105,12 @@ def exactness(recs: list[Record], reference: dict) -> tuple[float, list[dict]]:
     return (1.0 - len(mismatches) / compared if compared else 1.0), mismatches
 
 
-def summarize(records: list[Record], methods: list[str], runs: int) -> tuple[dict, dict]:
-    """-> (methods: {name: metrics with "categories"}, vanilla: which vanilla each scope compares to)."""
-    categories = sorted({r.category for r in records}, key=str)
+def summarize(records: list[Record], methods: list[str], runs: int, greedy: bool = True) -> tuple[dict, dict]:
+    """-> (methods: {name: metrics with "categories"}, vanilla: which vanilla each scope compares to).
+
+    Categories keep the order in which the questions first bring them (MT-Bench's file order is the
+    papers' table order). Sampled outputs are not compared with vanilla's: exact_match is None then."""
+    categories = list(dict.fromkeys(r.category for r in records))
     by = {}
     for r in records:
         by.setdefault((r.method, r.category, r.run), []).append(r)
@@ -133,10 +153,14 @@ def summarize(records: list[Record], methods: list[str], runs: int) -> tuple[dic
             if key in WITH_STD:
                 out[key + "_std"] = std
         recs = [x for c in scopes[s] for run in range(runs) for x in by.get((m, c, run), [])]
-        out["exact_match"], mism = exactness(recs, reference)
-        out["exact_mismatches"] = len(mism)
+        if greedy:
+            out["exact_match"], mism = exactness(recs, reference)
+            out["exact_mismatches"] = len(mism)
+        else:  # sampling: the same seed does not make speculative and plain sampling draw the same tokens
+            out["exact_match"], out["exact_mismatches"], mism = None, None, []
         out["turns"] = len(recs)
         if s is None:
+            out["step_breakdown"] = step_breakdown(recs)
             out["mismatch_examples"] = mism[:5]
             out["accept_length_hist"] = dict(
                 sorted(

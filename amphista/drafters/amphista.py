@@ -84,9 +84,8 @@ class AmphistaDrafter(HeadDrafter):
                 part.decode_weights = None
         return super()._apply(fn, recurse)
 
-    @torch.inference_mode()
-    def draft(self, hidden, next_tokens, start_pos):
-        """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, V) for the last one."""
+    def _draft_logits(self, hidden, next_tokens, start_pos):
+        """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, N) for the last one."""
         if not self._prepared:
             raise InputError(
                 "the drafter was not reset for this sequence (or was moved or cast since): call "
@@ -98,7 +97,7 @@ class AmphistaDrafter(HeadDrafter):
             a = h[:, -1:]
         else:
             a = self.sal.step(h, self._embed(next_tokens), start_pos)  # (1, 1, [S,] d)
-        return self.project(self._heads(a, decode=True).view(self.num_heads, -1))  # (K, V)
+        return self.project(self._heads(a, decode=True).view(self.num_heads, -1))  # (K, N)
 
     @property
     def cache_length(self) -> int:

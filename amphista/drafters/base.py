@@ -44,6 +44,13 @@ class Drafter(nn.Module):
         """
         raise NotImplementedError
 
+    def draft_topk(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: int, depth: int, k: int):
+        """As `draft`, then the target ids of each of the first `depth` heads' k best tokens: (depth, k).
+
+        Drafters with a reduced draft vocabulary override it to take the top-k over their N tokens and map
+        only the winners to target ids, instead of spreading N logits over V."""
+        return torch.topk(self.draft(hidden, next_tokens, start_pos)[:depth], k, dim=-1).indices
+
     def attach(self, target) -> None:
         """Bind to a target (a `TargetModel`) and check that it fits. Called by the decoder."""
         self.check_compatible(target.vocab_size, target.hidden_size)

@@ -4,6 +4,10 @@ contract (features / project / forward), parameter groups and saving.
 The target's embedding table and (optionally) lm_head are used, never owned: they are held outside the
 module tree, so they are not parameters, not in state_dict, not saved, not moved by `.to()`, and
 `attach(target)` supplies them again after loading.
+
+A drafter with a reduced draft vocabulary (config.draft_vocab_size = N > 0) predicts over N tokens; its
+`d2t` buffer (saved) holds their target ids. `project` and `forward` give draft-space logits (..., K, N);
+`draft` gives target-space ones and `draft_topk` target ids, so the decoder never sees draft ids.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import nn
 from ..errors import DrafterMismatchError, InputError
 from ..target import TargetModel
 from .base import Drafter
+from .vocab import check_d2t
 
 
 class _TargetRef:
@@ -24,6 +29,13 @@ class _TargetRef:
 
     def __deepcopy__(self, memo):
         return self
+
+
+class _HeadRows:
+    """The shared lm_head's rows for the draft vocabulary, in the shape VocabProjection reads."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
 
 
 class HeadDrafter(Drafter):
@@ -38,25 +50,56 @@ class HeadDrafter(Drafter):
         self.vocab_size = config.vocab_size
         self.built_for: dict = {"hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
         self._target: _TargetRef | None = None
+        n = config.draft_vocab_size
+        # A None buffer stays out of state_dict, so full-vocabulary checkpoints keep their exact layout.
+        # The placeholder ids are replaced by for_target or by the loaded weights.
+        self.register_buffer("d2t", torch.arange(n) if n else None)
+        # Tables derived from d2t and the target (the shared head's rows, the target -> draft id map), built
+        # on first use and dropped whenever d2t, the device or the target may have changed.
+        self._vocab_cache: dict = {}
+        self.register_load_state_dict_post_hook(_forget_vocab_tables)
 
     # --- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def for_target(cls, target, num_heads: int | None = None, *, device=None, dtype=None, **overrides):
+    def for_target(
+        cls, target, num_heads: int | None = None, *, device=None, dtype=None, d2t=None, **overrides
+    ):
         """A fresh, untrained drafter for `target` (a transformers causal LM or a `TargetModel`).
 
         Every head starts as the target's lm_head. device/dtype default to the target's; training
-        usually wants dtype=torch.float32."""
+        usually wants dtype=torch.float32. `d2t` (target ids, e.g. from
+        `amphista.drafters.vocab.draft_vocab_from_tokens`) gives the drafter a reduced draft vocabulary of
+        len(d2t) tokens; draft_vocab_size is then taken from it."""
         target = TargetModel.wrap(target)
         if num_heads is not None:
             overrides["num_heads"] = num_heads
+        if d2t is not None:
+            d2t = torch.as_tensor(d2t).flatten()
+            if d2t.dtype != torch.long and not d2t.dtype.is_floating_point:
+                d2t = d2t.long()
+            size = overrides.setdefault("draft_vocab_size", d2t.numel())
+            if size != d2t.numel():
+                raise InputError(
+                    f"draft_vocab_size={size!r} but d2t holds {d2t.numel()} token ids: pass one of them, or both equal"
+                )
+        elif overrides.get("draft_vocab_size"):
+            raise InputError(
+                f"draft_vocab_size={overrides['draft_vocab_size']!r} needs the kept tokens: pass "
+                "d2t=amphista.drafters.vocab.draft_vocab_from_tokens(token_id_lists, n, target.vocab_size, "
+                "target.eos_token_ids()), or train with --set draft_vocab_size=N, which counts the training data"
+            )
         config = cls.config_class.from_target(target, **overrides)
+        if d2t is not None:
+            check_d2t(d2t, config.draft_vocab_size, target.vocab_size)
         device = target.device if device is None else device
         dtype = target.dtype if dtype is None else dtype
         with torch.device(device):
             drafter = cls(config)
         drafter.to(dtype)
-        drafter.vocab.init_from(target.lm_head)
+        if d2t is not None:
+            drafter.d2t.copy_(d2t)
+        drafter.vocab.init_from(target.lm_head, drafter.d2t)
         drafter.built_for = built_for(target)
         drafter.attach(target)
         return drafter
@@ -73,6 +116,7 @@ class HeadDrafter(Drafter):
                 "train or load a drafter for this target"
             )
         self._target = _TargetRef(target.embed_tokens, target.lm_head)
+        self._vocab_cache.clear()
 
     def _borrowed(self) -> _TargetRef:
         if self._target is None:
@@ -82,8 +126,71 @@ class HeadDrafter(Drafter):
             )
         return self._target
 
-    def _lm_head(self) -> nn.Module | None:
-        return self._borrowed().lm_head if self.config.shared_lm_head else None
+    def _lm_head(self) -> nn.Module | _HeadRows | None:
+        if not self.config.shared_lm_head:
+            return None
+        head = self._borrowed().lm_head
+        if self.d2t is None:
+            return head
+        rows = self._vocab_cache.get("rows")
+        if rows is None or rows.weight.device != head.weight.device:
+            # A copy of N rows, made once per attach / load / move: gathering them at every call would copy
+            # N x d weights per draft step. Built outside inference mode so that training can use it too.
+            with torch.inference_mode(False), torch.no_grad():
+                index = self.d2t.to(head.weight.device)
+                bias = getattr(head, "bias", None)
+                rows = _HeadRows(head.weight[index], None if bias is None else bias[index])
+            self._vocab_cache["rows"] = rows
+        return rows
+
+    # --- draft vocabulary ------------------------------------------------------------------------
+
+    def draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids (any shape; negative = no label) -> draft ids, -100 where the id is not in the draft
+        vocabulary (or has no label). The identity without a draft vocabulary."""
+        if self.d2t is None:
+            return target_ids
+        t2d = self._vocab_cache.get("t2d")
+        if t2d is None or t2d.device != self.d2t.device:
+            with torch.inference_mode(False), torch.no_grad():
+                t2d = torch.full((self.vocab_size,), -100, dtype=torch.long, device=self.d2t.device)
+                t2d[self.d2t] = torch.arange(self.d2t.numel(), device=self.d2t.device)
+            self._vocab_cache["t2d"] = t2d
+        ids = target_ids.to(t2d.device)
+        return t2d[ids.clamp(min=0)].masked_fill(ids < 0, -100)
+
+    def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids (any shape, all valid) -> the target's ids. The identity without a draft vocabulary."""
+        return draft_ids if self.d2t is None else self.d2t[draft_ids]
+
+    # --- drafting --------------------------------------------------------------------------------
+
+    def _draft_logits(self, hidden, next_tokens, start_pos) -> torch.Tensor:
+        """Append the newly committed positions; (K, N) draft-space logits for the last one."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def draft(self, hidden, next_tokens, start_pos):
+        """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, V) target-space logits
+        for the last one; tokens outside a draft vocabulary get -inf. `draft_topk` is cheaper with one."""
+        logits = self._draft_logits(hidden, next_tokens, start_pos)
+        if self.d2t is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.d2t, logits)
+
+    @torch.inference_mode()
+    def draft_topk(self, hidden, next_tokens, start_pos, depth: int, k: int) -> torch.Tensor:
+        """As `draft`, but returns the target ids of the k best tokens of the first `depth` heads, (depth, k):
+        the top-k is taken over the draft vocabulary and only its winners are mapped to target ids."""
+        logits = self._draft_logits(hidden, next_tokens, start_pos)[:depth]
+        if k > logits.shape[-1]:
+            raise InputError(
+                f"the tree asks for rank {k - 1} but the drafter's draft vocabulary has {logits.shape[-1]} "
+                "tokens: use a narrower tree or a drafter with a larger draft_vocab_size"
+            )
+        top = torch.topk(logits, k, dim=-1).indices
+        return top if self.d2t is None else self.d2t[top]
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, d) in the drafter's dtype."""
@@ -106,12 +213,18 @@ class HeadDrafter(Drafter):
         raise NotImplementedError
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """features (..., K, d) -> logits (..., K, V)."""
+        """features (..., K, d) -> logits (..., K, V), over the draft vocabulary when there is one (map
+        indices back with `target_ids`)."""
         return self.vocab(features, self._lm_head())
 
     def forward(self, hidden, next_tokens, position_ids=None) -> torch.Tensor:
-        """(B, T, d), (B, T) -> logits (B, T, K, V)."""
+        """(B, T, d), (B, T) -> logits (B, T, K, V), over the draft vocabulary when there is one."""
         return self.project(self.features(hidden, next_tokens, position_ids))
+
+    def _apply(self, fn, recurse=True):
+        # A move or cast may put d2t elsewhere than the tables derived from it.
+        self._vocab_cache.clear()
+        return super()._apply(fn, recurse)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything this drafter trains; the borrowed embedding and lm_head are not among them."""
@@ -133,6 +246,10 @@ class HeadDrafter(Drafter):
         from .io import save_drafter
 
         save_drafter(self, path)
+
+
+def _forget_vocab_tables(module, incompatible_keys) -> None:
+    module._vocab_cache.clear()  # the loaded d2t may name other tokens
 
 
 def _group_of(param_name: str) -> str:

@@ -68,6 +68,17 @@ class _Config:
             )
         if self.num_heads < 1:
             raise InputError(f"num_heads must be at least 1, got {self.num_heads}")
+        n = self.draft_vocab_size
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < self.vocab_size:
+            raise InputError(
+                f"draft_vocab_size must be 0 (the full vocabulary) or an integer below the target's "
+                f"{self.vocab_size} tokens, got {n!r}"
+            )
+
+    @property
+    def head_vocab_size(self) -> int:
+        """Rows of each vocabulary head: the draft vocabulary's size, or the target's."""
+        return self.draft_vocab_size or self.vocab_size
 
 
 @dataclass
@@ -87,6 +98,9 @@ class MedusaConfig(_Config):
         head_norm: an RMSNorm before the shared lm_head (ignored with separate heads). Default True.
         head_bias: the target's lm_head has a bias, copied into separate heads. Default False.
         rms_norm_eps: epsilon of the RMSNorms. Default 1e-6.
+        draft_vocab_size: N > 0: the heads predict over the N most frequent tokens of the training data
+            (their target ids are saved as the drafter's `d2t` buffer) instead of the whole vocabulary, which
+            makes the heads V/N times cheaper. Default 0: the full vocabulary.
     """
 
     hidden_size: int
@@ -97,6 +111,7 @@ class MedusaConfig(_Config):
     head_norm: bool = True  # RMSNorm before the shared lm_head (ignored for separate heads)
     head_bias: bool = False  # the target's lm_head has a bias (copied into separate heads)
     rms_norm_eps: float = 1e-6
+    draft_vocab_size: int = 0  # N > 0: heads over the N most frequent training tokens (d2t maps them back)
 
     def __post_init__(self):
         self._check_common()
@@ -142,6 +157,9 @@ class AmphistaConfig(_Config):
         rope_theta: rotary base, for position_embedding="rotary" (from_target copies the target's).
             Default 10000.0.
         rms_norm_eps: epsilon of the RMSNorms. Default 1e-6.
+        draft_vocab_size: N > 0: the heads predict over the N most frequent tokens of the training data
+            (their target ids are saved as the drafter's `d2t` buffer) instead of the whole vocabulary, which
+            makes the heads V/N times cheaper. Default 0: the full vocabulary.
     """
 
     hidden_size: int
@@ -162,6 +180,7 @@ class AmphistaConfig(_Config):
     head_dim: int | None = None  # None: 64, or the largest of 32/16/8 dividing both widths
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    draft_vocab_size: int = 0  # N > 0: heads over the N most frequent training tokens (d2t maps them back)
 
     def __post_init__(self):
         self._check_common()

@@ -39,7 +39,8 @@ class ResBlocks(nn.Module):
 class VocabProjection(nn.Module):
     """K heads initialised from the target's lm_head, or the shared frozen lm_head after an RMSNorm.
 
-    With separate heads an untrained head IS the target's lm_head. The shared head's norm (weight 1)
+    With separate heads an untrained head IS the target's lm_head (its rows for the draft vocabulary when
+    the config has one). The shared head's norm (weight 1)
     rescales each h by 1/rms(h): same ranking, so the same draft tree, at a different temperature;
     head_norm=False makes it exact.
     """
@@ -54,18 +55,26 @@ class VocabProjection(nn.Module):
     @classmethod
     def from_config(cls, c) -> VocabProjection:
         """From a MedusaConfig or AmphistaConfig (both carry the same head fields)."""
-        return cls(c.num_heads, c.hidden_size, c.vocab_size, c.shared_lm_head, c.head_norm, c.head_bias, c.rms_norm_eps)
+        return cls(
+            c.num_heads, c.hidden_size, c.head_vocab_size, c.shared_lm_head, c.head_norm, c.head_bias, c.rms_norm_eps
+        )
 
     @torch.no_grad()
-    def init_from(self, lm_head: nn.Module) -> None:
+    def init_from(self, lm_head: nn.Module, d2t: torch.Tensor | None = None) -> None:
+        """Start every separate head as the target's lm_head, restricted to the rows d2t names."""
         if self.shared:
             return
-        self.weight.copy_(lm_head.weight.unsqueeze(0).expand_as(self.weight))
-        if self.bias is not None and getattr(lm_head, "bias", None) is not None:
-            self.bias.copy_(lm_head.bias.unsqueeze(0).expand_as(self.bias))
+        w, b = lm_head.weight, getattr(lm_head, "bias", None)
+        if d2t is not None:
+            rows = d2t.to(w.device)
+            w, b = w[rows], (None if b is None else b[rows])
+        self.weight.copy_(w.unsqueeze(0).expand_as(self.weight))
+        if self.bias is not None and b is not None:
+            self.bias.copy_(b.unsqueeze(0).expand_as(self.bias))
 
     def forward(self, x: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
-        """x (..., K, d) -> logits (..., K, V)."""
+        """x (..., K, d) -> logits (..., K, V), V the draft vocabulary's size when there is one (`lm_head` is
+        then the target's rows for it)."""
         if not self.shared:
             if x.dim() == 2:  # one position (drafting): a batched matmul costs half of einsum's dispatch
                 logits = torch.bmm(x.unsqueeze(1), self.weight.transpose(1, 2)).squeeze(1)

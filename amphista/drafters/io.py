@@ -17,6 +17,7 @@ from ..files import atomic_path, atomic_write_text
 from .amphista import AmphistaDrafter
 from .common import HeadDrafter
 from .medusa import MedusaDrafter
+from .vocab import check_d2t
 
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
@@ -57,7 +58,7 @@ def save_drafter(drafter: HeadDrafter, path) -> None:
         atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
         card = path / CARD_NAME
         if not card.exists() or _is_unedited_card(card):
-            atomic_write_text(card, model_card(meta, sum(t.numel() for t in tensors.values())))
+            atomic_write_text(card, model_card(meta, sum(t.numel() for k, t in tensors.items() if k != "d2t")))
     except OSError as e:
         raise CheckpointError(
             f"cannot save the drafter in {path} ({e}): free some disk space or choose a folder you can write to"
@@ -143,6 +144,8 @@ def load_drafter(path, target=None, *, device=None, dtype=None) -> HeadDrafter:
         drafter.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights} does not match its {CONFIG_NAME}: {e}") from e
+    if config.draft_vocab_size:
+        check_d2t(drafter.d2t, config.draft_vocab_size, config.vocab_size, CheckpointError, f"{weights}: d2t")
     drafter.built_for = dict(meta.get("built_for") or drafter.built_for)
     if target is not None:
         drafter.attach(target)  # raises DrafterMismatchError before anything is moved
@@ -159,6 +162,13 @@ def _card_text(meta: dict, num_params: int) -> str:
     bf = meta["built_for"]
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in meta["config"].items())
     name = meta["drafter_type"].capitalize()
+    n = meta["config"].get("draft_vocab_size") or 0
+    vocab_note = (
+        f"\nIts heads predict over a draft vocabulary of the {n:,} most frequent tokens of its training data; the\n"
+        "`d2t` tensor in model.safetensors maps them to the target's ids.\n"
+        if n
+        else ""
+    )
     return f"""---
 library_name: amphista
 tags: [speculative-decoding, {meta["drafter_type"]}]
@@ -174,7 +184,7 @@ so the output is exactly the target's own.
 Built for: {bf.get("architecture", "?")}, hidden size {bf.get("hidden_size")}, vocabulary {bf.get("vocab_size")}.
 Saved parameters: {num_params:,} (the target's embedding table{" and lm_head are" if meta["config"].get("shared_lm_head") else " is"}
 borrowed from the target at load time and not stored here).
-
+{vocab_note}
 ```python
 import amphista
 target = amphista.TargetModel.load("{bf.get("name_or_path") or "path/to/target"}")

@@ -34,7 +34,6 @@ class MedusaDrafter(HeadDrafter):
         """(B, T, d) -> (B, T, K, d); Medusa reads neither the sampled token nor positions."""
         return self.resblocks(hidden.to(self.dtype))
 
-    @torch.inference_mode()
-    def draft(self, hidden, next_tokens, start_pos):
-        """hidden (1, n, d) -> (K, V) from the last position; Medusa keeps no state across steps."""
+    def _draft_logits(self, hidden, next_tokens, start_pos):
+        """hidden (1, n, d) -> (K, N) from the last position; Medusa keeps no state across steps."""
         return self.project(self.resblocks(hidden[0, -1].to(self.dtype)))

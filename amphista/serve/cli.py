@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from ..bundled import DEFAULT_TREE_NODES
 from ..cli import HelpFormatter, float_range, int_range, positive_int
 from ..errors import InputError
 
@@ -35,8 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tree-nodes",
         type=int_range(2, what="an integer of at least 2"),
-        default=16,
-        help="size of 'auto' trees, root included",
+        default=DEFAULT_TREE_NODES,
+        help="size of 'auto' trees, root included, as in bench and demo",
     )
     p.add_argument(
         "--threads",

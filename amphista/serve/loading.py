@@ -6,7 +6,8 @@
            model and the drafter is installed, else vanilla decoding (with a note on stderr).
 --tree:    "auto" (default when the drafter folder has head_accuracy.json) -> the best --tree-nodes-token tree
            for the drafter's measured head accuracies; else a name ("mc_sim_7b_63", the fallback; "chain")
-           or a tree JSON file. Small targets verify few tokens fastest, hence 16 nodes by default.
+           or a tree JSON file. Small targets verify few tokens fastest, hence bundled.DEFAULT_TREE_NODES (8)
+           by default, the same default as `amphista bench` and `amphista demo`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..target import TargetModel
 from ..tree import build_tree, load_accuracies
 from ..vanilla import VanillaDecoder
 
-DEFAULT_TREE = "mc_sim_7b_63"
+DEFAULT_TREE = bundled.FALLBACK_TREE  # for a drafter without head accuracies
 ACCURACY_FILE = "head_accuracy.json"
 
 
@@ -64,7 +65,7 @@ def load_drafter_arg(spec: str | None, target: TargetModel, target_is_bundled: b
     return drafter.to(device=target.device, dtype=target.dtype), path
 
 
-def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int = 16):
+def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int = bundled.DEFAULT_TREE_NODES):
     accuracies = drafter_dir / ACCURACY_FILE if drafter_dir is not None else None
     if tree == "auto" or (tree is None and accuracies is not None and accuracies.is_file()):
         if accuracies is None or not accuracies.is_file():
@@ -77,7 +78,10 @@ def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int = 16):
 
 
 def load_decoder(
-    target_path: str | None, drafter_spec: str | None, tree: str | None = None, tree_nodes: int = 16
+    target_path: str | None,
+    drafter_spec: str | None,
+    tree: str | None = None,
+    tree_nodes: int = bundled.DEFAULT_TREE_NODES,
 ) -> Decoder:
     target = load_target(target_path)
     drafter, path = load_drafter_arg(drafter_spec, target, target_is_bundled=target_path is None)
