@@ -261,3 +261,28 @@ def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(tar
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out
     assert "127.0.0.1" in out
+
+
+def test_generate_and_serve_take_the_drafters_shipped_for_the_target(monkeypatch, tmp_path, capsys):
+    import shutil
+
+    from amphista import bundled
+    from amphista.serve.loading import load_drafter_arg
+
+    target = bundled.load_default_target()
+    drafter, path = load_drafter_arg(None, target, None)
+    assert path == bundled.default_drafter_path("amphista") and drafter is not None
+
+    # Another target's registry entry: its shipped drafters are the defaults, by kind.
+    root = tmp_path / "shipped"
+    for kind in ("amphista", "medusa"):
+        shutil.copytree(bundled.default_drafter_path(kind), root / kind)
+    monkeypatch.setitem(bundled.SHIPPED_DRAFTERS, "smollm2-135m-instruct", root)
+    assert load_drafter_arg(None, target, "smollm2-135m-instruct")[1] == root / "amphista"
+    assert load_drafter_arg("medusa", target, "smollm2-135m-instruct")[1] == root / "medusa"
+
+    shutil.rmtree(root / "amphista")
+    assert load_drafter_arg(None, target, "smollm2-135m-instruct") == (None, None)
+    assert "not installed: vanilla decoding" in capsys.readouterr().err
+    assert load_drafter_arg(None, target, str(tmp_path / "some-model")) == (None, None)
+    assert "no drafters are shipped for this target" in capsys.readouterr().err

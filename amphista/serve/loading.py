@@ -1,9 +1,9 @@
 """--target / --drafter / --tree as the `generate` and `serve` commands understand them.
 
---target:  omitted -> the bundled stories260K model; a folder -> a Hugging Face causal LM.
---drafter: "none" -> vanilla decoding; "amphista" / "medusa" -> the bundled drafter of that kind;
-           a folder -> a saved drafter; omitted -> the bundled Amphista drafter when the target is the bundled
-           model and the drafter is installed, else vanilla decoding (with a note on stderr).
+--target:  omitted -> the bundled stories260K model; a folder, a .gguf file or a known name -> that causal LM.
+--drafter: "none" -> vanilla decoding; "amphista" / "medusa" -> the drafter of that kind shipped for the
+           target (bundled.SHIPPED_DRAFTERS); a folder -> a saved drafter; omitted -> the shipped Amphista
+           drafter when there is one for the target, else vanilla decoding (with a note on stderr).
 --tree:    "auto" (default when the drafter folder has head_accuracy.json) -> the best --tree-nodes-token tree
            for the drafter's measured head accuracies; else a name ("mc_sim_7b_63", the fallback; "chain")
            or a tree JSON file. Small targets verify few tokens fastest, hence bundled.DEFAULT_TREE_NODES (8)
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import bundled
 from ..decoder import SpeculativeDecoder
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
 from ..generation import Decoder
 from ..target import TargetModel
 from ..tree import build_tree, load_accuracies
@@ -36,29 +36,26 @@ def load_target(path: str | None) -> TargetModel:
     return target
 
 
-def _bundled_drafter_dir(name: str) -> Path:
-    return Path(bundled.default_drafter_path(name))
-
-
-def load_drafter_arg(spec: str | None, target: TargetModel, target_is_bundled: bool):
-    """(drafter, its folder) for `spec` (see the module docstring), or (None, None) for vanilla decoding."""
+def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | None = None):
+    """(drafter, its folder) for `spec` (see the module docstring), or (None, None) for vanilla decoding.
+    `target_spec` is the --target as given: its shipped drafters are the defaults."""
     from ..drafters import load_drafter
 
     if spec is not None and spec.lower() == "none":
         return None, None
     if spec is None:
-        if not target_is_bundled:
-            print("amphista: no --drafter given: vanilla decoding", file=sys.stderr)
-            return None, None
-        try:
-            path = _bundled_drafter_dir("amphista")
-        except CheckpointError:
-            print(
-                "amphista: the bundled Amphista drafter is not installed: vanilla decoding", file=sys.stderr
+        shipped = bundled.shipped_drafters(target_spec)
+        if "amphista" not in shipped:
+            why = (
+                "no drafters are shipped for this target"
+                if bundled.shipped_drafter_root(target_spec) is None
+                else "its shipped Amphista drafter is not installed"
             )
+            print(f"amphista: no --drafter given and {why}: vanilla decoding", file=sys.stderr)
             return None, None
+        path = shipped["amphista"]
     elif spec in bundled.BUNDLED_DRAFTERS and not Path(spec).exists():
-        path = _bundled_drafter_dir(spec)
+        path = bundled.default_drafter_path(spec, target_spec)
     else:
         path = Path(spec)
     drafter = load_drafter(path, target)
@@ -84,7 +81,7 @@ def load_decoder(
     tree_nodes: int = bundled.DEFAULT_TREE_NODES,
 ) -> Decoder:
     target = load_target(target_path)
-    drafter, path = load_drafter_arg(drafter_spec, target, target_is_bundled=target_path is None)
+    drafter, path = load_drafter_arg(drafter_spec, target, target_path)
     if drafter is None:
         return VanillaDecoder(target)
     return SpeculativeDecoder(target, drafter, resolve_tree(tree, path, tree_nodes))
