@@ -47,6 +47,13 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0].tolist()
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    # Converted GGUF models and training features go to a cache folder of the test session's own, never
+    # the user's ~/.cache/amphista.
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path_factory.getbasetemp() / "amphista-cache"))
+
+
 @pytest.fixture(scope="session")
 def llama():
     return tiny_target("llama")

@@ -19,6 +19,13 @@ from amphista.training.checkpoint import atomic_write, find_checkpoint, list_che
 from amphista.training.data import DEFAULT_CHAT_TEMPLATE, tokenize_chat
 from amphista.tree import build_tree, load_accuracies
 
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Feature cache entries of these runs go to the test's folder, not the user's cache."""
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path / "cache"))
+
+
 # ---- data -------------------------------------------------------------------------------------------
 
 

@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
         "--tree-nodes",
         type=int_range(2, what="an integer, at least 2"),
         default=DEFAULT_TREE_NODES,
-        help="size of 'auto' trees, root included (the same default as generate, serve and demo)",
+        help="size of 'auto' trees, root included, as in generate, serve and demo",
     )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
     p.add_argument(

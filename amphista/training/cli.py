@@ -82,7 +82,8 @@ def add_parser(subparsers) -> None:
         "--lr",
         type=positive_float,
         default=None,
-        help="ResBlocks/heads (default: 3e-3 amphista, 1e-2 medusa)",
+        help="ResBlocks/heads (default: 3e-3 amphista, 1e-2 medusa, times sqrt(64 / the target's hidden size) "
+        "when that is below 1)",
     )
     p.add_argument(
         "--lr-layers", type=positive_float, default=None, help="SAL/AEB transformer layers (default: --lr)"
@@ -107,6 +108,19 @@ def add_parser(subparsers) -> None:
         help="continue from the newest (or given) checkpoint, with the same settings",
     )
     p.add_argument("--init-drafter", default=None, help="start from this drafter folder")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--feature-cache",
+        metavar="DIR",
+        default=None,
+        help="where the target's hidden states are kept between epochs and runs (default: $AMPHISTA_CACHE/"
+        "features, else ~/.cache/amphista/features)",
+    )
+    cache.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="run the target on every batch instead (nothing written)",
+    )
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags and --set win)")
     p.add_argument(
         "--set",
@@ -199,6 +213,10 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     for key, value in flags.items():
         if value is not None:
             setattr(cfg, key, value)
+    if args.no_feature_cache:
+        cfg.feature_cache = None
+    elif args.feature_cache is not None:
+        cfg.feature_cache = args.feature_cache
     cfg.resume = args.resume
     cfg.tensorboard = cfg.tensorboard or args.tensorboard
     cfg.progress = not args.no_progress
@@ -226,6 +244,9 @@ def resume_command(args: argparse.Namespace) -> str:
             words += [option, str(getattr(args, name))]
     for pair in args.overrides:
         words += ["--set", pair]
+    if args.feature_cache is not None:
+        words += ["--feature-cache", args.feature_cache]
+    words += ["--no-feature-cache"] * args.no_feature_cache
     words += ["--tensorboard"] * args.tensorboard + ["--no-progress"] * args.no_progress
     return shlex.join([*words, "--resume"])
 

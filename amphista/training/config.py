@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 
 DRAFTERS = ("amphista", "medusa")
-# Best of those tried on the bundled model (docs/method.md, Training); Medusa-1's paper used 1e-3 at 7B.
+# Best of those tried on the bundled model (hidden size 64; docs/method.md, Training). Wider targets get
+# these scaled by sqrt(64 / hidden_size) (see resolved_lr): Amphista at 3e-3 diverged on SmolLM2-135M
+# (hidden 576) where 1e-3 = 3e-3 * sqrt(64/576) was stable, and Medusa-1's paper used 1e-3 at 7B (4096).
 DEFAULT_LR = {"amphista": 3e-3, "medusa": 1e-2}
+LR_REFERENCE_HIDDEN = 64
 
 
 # Command-line flags of TrainConfig fields; the others are set with `--set name=value`.
@@ -22,6 +25,7 @@ FLAGS = {
     "eval_data": "--eval-data", "seq_len": "--seq-len", "batch_size": "--batch-size",
     "micro_batch_size": "--micro-batch-size", "max_steps": "--max-steps", "epochs": "--epochs", "lr": "--lr",
     "lr_layers": "--lr-layers", "seed": "--seed", "save_every": "--save-every", "tensorboard": "--tensorboard",
+    "feature_cache": "--feature-cache",
 }  # fmt: skip
 
 
@@ -115,6 +119,10 @@ class TrainConfig:
     head_decay: float = 0.8
     logits_chunk: int = 0  # positions per vocab-logit chunk (recomputed in backward); 0: auto
 
+    # the target's hidden states, computed once and read back (training/features.py)
+    feature_cache: str | None = "auto"  # a folder; auto: $AMPHISTA_CACHE/features; None: no cache
+    feature_dtype: str = "auto"  # float32 | float16 | bfloat16; auto: a 16-bit target's own, else float16
+
     # machinery
     mixed_precision: str = "auto"  # auto: bf16 on CUDA when supported, else fp32 | no | bf16 | fp16
     target_dtype: str = "auto"
@@ -129,7 +137,7 @@ class TrainConfig:
 
     def __post_init__(self):
         # Paths may come as pathlib.Path; the config is written to JSON and compared on resume as text.
-        for name in ("target", "out", "init_drafter"):
+        for name in ("target", "out", "init_drafter", "feature_cache"):
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
         if isinstance(self.resume, os.PathLike):
@@ -140,8 +148,12 @@ class TrainConfig:
                 value = [value]
             setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
 
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.drafter, 1e-3)
+    def resolved_lr(self, hidden_size: int | None = None) -> float:
+        """`lr`, else the drafter kind's default scaled down for targets wider than the bundled one."""
+        if self.lr is not None:
+            return self.lr
+        scale = min(1.0, (LR_REFERENCE_HIDDEN / hidden_size) ** 0.5) if hidden_size else 1.0
+        return DEFAULT_LR.get(self.drafter, 1e-3) * scale
 
     def validate(self) -> None:
         if self.drafter not in DRAFTERS:
@@ -152,6 +164,14 @@ class TrainConfig:
             raise InputError("no output folder: pass --out DIR")
         if self.head_weighting not in ("decay", "equal"):
             raise InputError(f"head_weighting is {self.head_weighting!r}: use 'decay' or 'equal'")
+        if self.feature_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise InputError(
+                f"feature_dtype is {self.feature_dtype!r}: use auto, float32, float16 or bfloat16 (--set feature_dtype=...)"
+            )
+        if self.feature_cache is not None and not isinstance(self.feature_cache, str):
+            raise InputError(
+                f"--feature-cache is {self.feature_cache!r}: give a folder, or --no-feature-cache"
+            )
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise InputError(f"mixed_precision is {self.mixed_precision!r}: use auto, no, bf16 or fp16")
         for name, low, high, what in NUMBER_RULES:

@@ -9,6 +9,11 @@ ranks such as [0, 1] ("head 1's top-1, then head 2's top-2"), the fraction of po
 along the path has the right token at exactly that rank, i.e. where the node would be accepted. The heads
 of one drafter are far from independent (Amphista's attend to each other), so trees built from these
 beat trees built from the per-head table under Medusa's independence assumption.
+
+A drafter with a reduced draft vocabulary ranks only its N tokens, mapped back to target ids before they
+are compared with the labels: a label outside them is a miss at every rank, as in decoding, where the
+drafter cannot propose it. `lm_loss` is then over the labels inside the draft vocabulary (the rest have
+probability 0) and `label_coverage` gives, per head, the fraction of labels inside it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def head_accuracy(drafter, target, examples: list[Example], batch_size: int = 8,
     path_hits = [torch.zeros(2, TOPK ** (d + 1)) for d in range(min(K, PATH_DEPTH))]
     path_positions = torch.zeros(2)
     nll = torch.zeros(K)
+    nll_counts = torch.zeros(K)  # labels the drafter can propose: all of them without a draft vocabulary
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # little padding
     for i in range(0, len(order), batch_size):
         ids, mask = collate([examples[j] for j in order[i : i + batch_size]], pad_id)
@@ -50,8 +56,8 @@ def head_accuracy(drafter, target, examples: list[Example], batch_size: int = 8,
         feats = drafter.features(hidden[:, :-1].to(dtype), ids[:, 1:])  # (B, T-1, K, D)
         step = max(1, 4096 // ids.shape[0])  # a few thousand positions per vocabulary projection
         for c in range(0, T - 1, step):
-            q = drafter.project(feats[:, c : c + step]).float()  # (B, c, K, V)
-            top = q.topk(TOPK, dim=-1).indices.cpu()  # (B, c, K, TOPK)
+            q = drafter.project(feats[:, c : c + step]).float()  # (B, c, K, V), or N draft tokens
+            top = _top_target_ids(drafter, q)  # (B, c, K, TOPK)
             lab = labels[:, c : c + q.shape[1]].cpu()
             for row, lab_row in enumerate((lab, target_labels[:, c : c + q.shape[1]].cpu())):
                 valid = lab_row >= 0  # (B, c, K)
@@ -59,20 +65,38 @@ def head_accuracy(drafter, target, examples: list[Example], batch_size: int = 8,
                 hits[row] += (found * valid.unsqueeze(-1)).sum((0, 1)).float()
                 counts[row] += valid.sum((0, 1)).float()
                 _count_paths(top, lab_row, row, path_hits, path_positions)
-            valid = lab >= 0
-            ce = -F.log_softmax(q, -1).cpu().gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            draft_lab = lab if getattr(drafter, "d2t", None) is None else drafter.draft_ids(lab).cpu()
+            valid = draft_lab >= 0
+            ce = -F.log_softmax(q, -1).cpu().gather(-1, draft_lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             nll += torch.where(valid, ce, torch.zeros(())).sum((0, 1))
+            nll_counts += valid.sum((0, 1)).float()
     drafter.train(was_training)
     acc = hits / counts.clamp(min=1).unsqueeze(-1)
-    return {
+    result = {
         "top_k": [[round(float(x), 6) for x in row] for row in acc[0]],
         "top_k_target": [[round(float(x), 6) for x in row] for row in acc[1]],
         "paths": _path_table(path_hits, path_positions, 0),
         "paths_target": _path_table(path_hits, path_positions, 1),
-        "lm_loss": [round(float(x), 6) for x in nll / counts[0].clamp(min=1)],
+        "lm_loss": [round(float(x), 6) for x in nll / nll_counts.clamp(min=1)],
         "positions": [int(x) for x in counts[0]],
         "examples": len(examples),
     }
+    if getattr(drafter, "d2t", None) is not None:
+        result["draft_vocab_size"] = int(drafter.d2t.numel())
+        result["label_coverage"] = [round(float(x), 6) for x in nll_counts / counts[0].clamp(min=1)]
+    return result
+
+
+def _top_target_ids(drafter, q: torch.Tensor) -> torch.Tensor:
+    """q (..., K, V or N) -> (..., K, TOPK) target ids of the best tokens on the CPU; -1 pads ranks a draft
+    vocabulary smaller than TOPK does not have (never equal to a label)."""
+    top = q.topk(min(TOPK, q.shape[-1]), dim=-1).indices
+    if getattr(drafter, "d2t", None) is not None:
+        top = drafter.target_ids(top)
+    top = top.cpu()
+    if top.shape[-1] < TOPK:
+        top = F.pad(top, (0, TOPK - top.shape[-1]), value=-1)
+    return top
 
 
 def _count_paths(top, labels, row, path_hits, path_positions) -> None:

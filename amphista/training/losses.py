@@ -8,6 +8,21 @@ distribution at position t+1+k, which is the target's prediction of that same to
     L   = sum_k w_k L_k,   w_k = head_decay ** k (or 1)
 
 The alignment term is a cross-entropy, i.e. KL(p || q) plus the target's entropy, which has no gradient.
+
+With a reduced draft vocabulary (drafter.d2t, N target ids), q is over those N tokens:
+- an LM label outside them becomes -100 and adds nothing to the LM term, but its position still counts in
+  the normaliser and as a miss in the top-1 statistics, so losses and accuracies stay comparable with a
+  full-vocabulary drafter's (the drafter can never propose that token);
+- p is the target's distribution restricted to the N tokens and renormalised over them: the log-probs
+  gathered at d2t minus their logsumexp, which equals log_softmax of the target's logits gathered at d2t
+  (log_softmax does not change under a shift) without needing the logits. Renormalising keeps the soft
+  label a distribution, so the term is a cross-entropy between two distributions over the same N tokens
+  whose minimum is q = p restricted; the target's mass on dropped tokens would otherwise scale each
+  position's weight by how much of the target's mass happens to be kept. The alignment term applies at
+  every labelled position, in the vocabulary or not: the target's view of the kept tokens is informative
+  either way.
+`target_logprobs` may have V columns, or N (already gathered at d2t, e.g. from a cache of the target's
+outputs): only those N columns are read.
 """
 
 from __future__ import annotations
@@ -50,6 +65,10 @@ class DraftLoss(nn.Module):
         rows = (labels >= 0).any(-1).flatten().nonzero().squeeze(1)  # (N,)
         feats = feats.flatten(0, 1)[rows]  # (N, K, D)
         labels = labels.flatten(0, 1)[rows]  # (N, K)
+        labelled = labels >= 0
+        d2t = getattr(self.drafter, "d2t", None)
+        if d2t is not None:
+            labels = self.drafter.draft_ids(labels)  # -100 outside the draft vocabulary
         b, t = rows // (T - 1), rows % (T - 1)
         arange = torch.arange(K, device=rows.device)
         # Row of the target's distribution for head k: position t+1+k of sequence b; past the end only
@@ -57,11 +76,12 @@ class DraftLoss(nn.Module):
         src = ((b * T + t + 1)[:, None] + arange).clamp(max=B * T - 1)  # (N, K)
         logp = target_logprobs.flatten(0, 1)  # (B*T, V)
 
-        V = logp.shape[-1]
+        V = logp.shape[-1] if d2t is None else d2t.numel()
         chunk = self.chunk or max(1, AUTO_CHUNK_ELEMENTS // (K * V))
         sums = torch.zeros(3, K, device=hidden.device)  # lm, align, correct
         for c in range(0, max(len(rows), 1), chunk):
-            args = (feats[c : c + chunk], labels[c : c + chunk], src[c : c + chunk], logp)
+            part_args = (labels[c : c + chunk], labelled[c : c + chunk], src[c : c + chunk], logp)
+            args = (feats[c : c + chunk], *part_args)
             if len(rows) > chunk:  # recompute the chunk's logits in backward instead of keeping them
                 part = checkpoint(self._chunk_loss, *args, use_reentrant=False)
             else:
@@ -69,18 +89,31 @@ class DraftLoss(nn.Module):
             sums = sums + part
         lm, align = sums[0], sums[1]
         loss = (self.weights * (self.lm_weight * lm + self.align_weight * align) / norm.clamp(min=1)).sum()
-        stats = torch.stack([lm.detach(), align.detach(), sums[2].detach(), (labels >= 0).sum(0).float()])
+        stats = torch.stack([lm.detach(), align.detach(), sums[2].detach(), labelled.sum(0).float()])
         return loss, stats  # stats (4, K): lm sum, align sum, top-1 correct, label count
 
-    def _chunk_loss(self, feats, labels, src, logp):
-        """feats (n, K, D), labels (n, K), src (n, K) -> (3, K) sums of LM CE, alignment CE, top-1 hits."""
+    def _chunk_loss(self, feats, labels, labelled, src, logp):
+        """feats (n, K, D), labels (n, K) in the drafter's vocabulary (-100: none or not in it), labelled (n, K)
+        where the data has a label, src (n, K) -> (3, K) sums of LM CE, alignment CE, top-1 hits."""
         logits = self.drafter.project(feats).float()  # (n, K, V)
         logq = F.log_softmax(logits, dim=-1)
         valid = labels >= 0
         lm = -logq.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (n, K)
-        align = -(logp[src].exp() * logq).sum(-1)  # (n, K)
+        align = -(self._target_probs(src, logp) * logq).sum(-1)  # (n, K)
         hits = (logits.argmax(-1) == labels) & valid
         zero = torch.zeros((), device=lm.device)
         return torch.stack(
-            [torch.where(valid, lm, zero).sum(0), torch.where(valid, align, zero).sum(0), hits.sum(0).float()]
+            [torch.where(valid, lm, zero).sum(0), torch.where(labelled, align, zero).sum(0), hits.sum(0).float()]
         )
+
+    def _target_probs(self, src, logp):
+        """The target's distribution for each (row, head) of src: (n, K, V), or over the draft vocabulary
+        renormalised (see the module docstring)."""
+        d2t = getattr(self.drafter, "d2t", None)
+        if d2t is None:
+            return logp[src].exp()
+        if logp.shape[-1] == d2t.numel():  # already gathered at d2t
+            kept = logp[src]
+        else:  # index rows and columns at once: no (n, K, V) intermediate
+            kept = logp[src.unsqueeze(-1), d2t.to(logp.device)]  # (n, K, N)
+        return (kept - kept.logsumexp(-1, keepdim=True)).exp()

@@ -9,16 +9,17 @@ split over processes and accumulation steps gives the same gradient as one big b
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 from array import array
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import InputError
@@ -28,6 +29,7 @@ from .checkpoint import STATE_FILE, find_checkpoint, list_checkpoints, load_stat
 from .config import TrainConfig, flag
 from .data import check_output, load_examples
 from .evaluate import format_table, head_accuracy
+from .features import LogProbs, prepare, resolve_folder, target_hidden
 from .losses import DraftLoss, head_weights
 from .outputs import MetricsLog, peak_memory_mb, save_outputs
 
@@ -42,19 +44,33 @@ class TrainResult:
     peak_memory_mb: float
 
 
-def build_drafter(cfg: TrainConfig, target: TargetModel):
-    """A fresh drafter for the target (float32 master weights), or the one in cfg.init_drafter."""
+def build_drafter(cfg: TrainConfig, target: TargetModel, examples=None):
+    """A fresh drafter for the target (float32 master weights), or the one in cfg.init_drafter.
+
+    With `draft_vocab_size=N` in cfg.drafter_config, the draft vocabulary is the N most frequent label tokens
+    of `examples` (the training set) plus the target's EOS ids; without `examples`, those of cfg.data."""
     from .. import drafters
+    from ..drafters.vocab import draft_vocab_from_tokens
 
     if cfg.init_drafter:
         return drafters.load_drafter(cfg.init_drafter, target, dtype=torch.float32)
     cls = {"amphista": drafters.AmphistaDrafter, "medusa": drafters.MedusaDrafter}[cfg.drafter]
-    return cls.for_target(target, dtype=torch.float32, **cfg.drafter_config)
+    options = dict(cfg.drafter_config)
+    n = options.pop("draft_vocab_size", 0)
+    if not n:
+        return cls.for_target(target, dtype=torch.float32, **options)
+    if examples is None:
+        examples, _ = load_examples(cfg.data, target.tokenizer, cfg.seq_len)
+    # Label tokens only: the heads never predict a prompt token, so prompt-heavy data would otherwise
+    # spend the draft vocabulary on tokens no head is asked for.
+    labels = [[t for t, m in zip(ex.input_ids, ex.loss_mask) if m] for ex in examples]
+    d2t = draft_vocab_from_tokens(labels, n, target.vocab_size, target.eos_token_ids())
+    return cls.for_target(target, dtype=torch.float32, d2t=d2t, **options)
 
 
-def param_groups(drafter, cfg: TrainConfig) -> list[dict]:
+def param_groups(drafter, cfg: TrainConfig, hidden_size: int | None = None) -> list[dict]:
     """ResBlocks and heads at `lr`; transformer layers (SAL, AEB, fusion, PE) at `lr_layers`."""
-    lr = cfg.resolved_lr()
+    lr = cfg.resolved_lr(hidden_size)
     lr_layers = cfg.lr_layers if cfg.lr_layers is not None else lr
     if hasattr(drafter, "param_groups"):
         return drafter.param_groups(lr, lr_layers)
@@ -156,7 +172,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
     drafter.to(device).train()
     K = drafter.num_heads
     optimizer = torch.optim.AdamW(
-        param_groups(drafter, cfg), betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        param_groups(drafter, cfg, target.hidden_size), betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
     )
     steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_window))
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -169,6 +185,22 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it per process
+
+    # ---- target features: computed once per (target, data), read back by every epoch and later run -----
+    folder = resolve_folder(cfg.feature_cache)
+    features = None
+    if folder is not None:
+        features = prepare(
+            target, train_set, folder=folder, seq_len=cfg.seq_len, precision=precision,
+            dtype_setting=cfg.feature_dtype, batch_size=micro, pad_id=pad_id, autocast=accelerator.autocast,
+            # A run that visits each example at most once gains nothing from writing the entry first.
+            build=max_steps * cfg.batch_size >= len(train_set), is_builder=accelerator.is_local_main_process,
+            progress=is_main and cfg.progress, log=print if is_main else (lambda *a, **k: None),
+        )  # fmt: skip
+    accelerator.wait_for_everyone()
+    logprobs = LogProbs(target)
+    if device.type == "cpu":
+        keep_freed_memory()
 
     # ---- resume ------------------------------------------------------------------------------------
     step, epoch, cursor = 0, 0, 0  # optimizer steps done; data position: epoch, next batch in it
@@ -195,15 +227,20 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
         examples = [train_set[i] for i in batches[cursor]]
         cursor += 1
         norm = label_counts(examples, K).to(device)  # (K,) labels per head in the whole global batch
-        for part in micro_batches(examples, world * accum)[rank::world]:
+        index = batches[cursor - 1]
+        for rows in micro_batches(list(range(len(examples))), world * accum)[rank::world]:
+            part = [examples[i] for i in rows]
             ids, mask = collate(part, pad_id)  # (B, T) each, right-padded
             ids, mask = ids.to(device), mask.to(device)
+            if features is not None:
+                hidden = features.hidden([index[i] for i in rows], device)  # (B, T, d) float32
+            else:
+                with accelerator.autocast():
+                    hidden = target_hidden(target, ids)  # (B, T, d)
+                # A fresh tensor outside inference mode: autograd must be able to save it for backward.
+                hidden = hidden.to(torch.float32).clone()
             with accelerator.autocast():
-                hidden, logits = target.forward_train(ids)  # (B, T, d), (B, T, V) float32
-            # Fresh tensors outside inference mode: autograd must be able to save them for backward.
-            hidden = hidden.to(torch.float32).clone()
-            logp = F.log_softmax(logits, dim=-1)  # (B, T, V)
-            del logits  # (B, T, V) float32: at 7B sizes worth freeing before the drafter runs
+                logp = logprobs(hidden, mask)  # (B, T, V) float32, only the rows the loss reads
             with accelerator.accumulate(model):
                 loss, stats = model(hidden, ids, mask, logp, norm)
                 # The loss is already this micro-batch's share of the global mean: undo accelerate's
@@ -270,6 +307,21 @@ RESUME_KEYS = (
     "max_eval_examples", "bucket_window", "weight_decay", "betas", "warmup_ratio", "min_lr_ratio",
     "max_grad_norm", "lm_weight", "align_weight", "head_weighting", "head_decay",
 )  # fmt: skip
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed blocks of up to 32 MiB (its ceiling) in the heap instead of unmapping them at
+    free(): each step allocates the same large activations again, and every fresh mapping is paged in by
+    the kernel (minor faults, ~25% of the CPU time of a training run in issue 14). Larger tensors are
+    mapped regardless; the vocabulary-sized ones are reused buffers (features.LogProbs)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not hand the heap's top back after each step
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum on 64-bit glibc
+    except (OSError, AttributeError):
+        pass  # not glibc (musl): nothing to tune
 
 
 def fingerprint(examples) -> str:
