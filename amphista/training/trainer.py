@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
             "pass the same --data (and --seq-len / --eval-data) to resume it, or use another --out"
         )
 
-    drafter = drafter if drafter is not None else build_drafter(cfg, target)
+    drafter = drafter if drafter is not None else build_drafter(cfg, target, train_set)
     drafter.to(device).train()
     K = drafter.num_heads
     optimizer = torch.optim.AdamW(
