@@ -19,7 +19,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvico
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--target", metavar="DIR", help="Hugging Face model folder (default: the bundled stories260K)"
+        "--target",
+        metavar="MODEL",
+        help="Hugging Face model folder, .gguf file or smollm2-135m-instruct (default: the bundled stories260K)",
     )
     p.add_argument(
         "--drafter",

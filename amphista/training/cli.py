@@ -16,7 +16,9 @@ non_negative_int = int_range(0, what="an integer, 0 or more")
 positive_float = float_range(0.0, low_open=True)
 
 
-TARGET_HELP = "local Hugging Face model folder (default: the bundled stories260K model)"
+TARGET_HELP = (
+    "Hugging Face model folder, .gguf file or smollm2-135m-instruct (default: the bundled stories260K model)"
+)
 
 
 def add_parser(subparsers) -> None:

