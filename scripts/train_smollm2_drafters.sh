@@ -7,18 +7,21 @@
 #    and codegen, gsm8k train questions; never MT-Bench), shuffled with seed 0: the first 6,000 and the
 #    next 6,000 are two training sets, the last 200 the held-out set
 # 2. self-distillation: the model's own greedy answers through its chat template (192 tokens at most;
-#    the benchmark decodes greedily), the two training sets in parallel, one core each; DISTILL_PROMPTS
-#    caps each set (what one session had time for)
+#    the benchmark decodes greedily), the two training sets in parallel, one core each; DISTILL_A/B cap
+#    each set (what one session had time for)
 # 3. Medusa and Amphista drafters, both with a reduced draft vocabulary (the 8,192 most frequent answer
-#    tokens) read through the target's frozen lm_head (shared_lm_head), trained at once (one core each) on
-#    the same data, steps and seed; the target's hidden states are computed once into the feature cache
+#    tokens) read through the target's frozen lm_head (shared_lm_head), trained on the same data, steps and
+#    seed; the target's hidden states are computed once into the feature cache and read by both runs
 # 4. head accuracies, per head and per tree path, on the model's greedy answers to the 200 held-out prompts:
 #    the shipped head_accuracy.json picks the trees
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/smollm2}
 SHARED=${SHARED:-../shared/data}
-DISTILL_PROMPTS=${DISTILL_PROMPTS:-6000}
+# Session 4 stopped the two distillations after 1,888 and 1,056 answers (time), the held-out one at 128.
+DISTILL_A=${DISTILL_A:-1888}
+DISTILL_B=${DISTILL_B:-1056}
+HELDOUT=${HELDOUT:-128}
 EPOCHS=${EPOCHS:-1}
 AMPHISTA=${AMPHISTA:-amphista}
 PYTHON=${PYTHON:-python}
@@ -48,21 +51,19 @@ distill() {  # distill PROMPTS OUT MAX_PROMPTS
     "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/$1" --out "$RUN_DIR/$2" --batch-size 32 \
         --max-new-tokens 192 --temperature 0 --max-prompts "$3" --no-progress
 }
-distill prompts_a.jsonl greedy_a.jsonl "$DISTILL_PROMPTS" & a=$!
-distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_PROMPTS" & b=$!
+distill prompts_a.jsonl greedy_a.jsonl "$DISTILL_A" & a=$!
+distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_B" & b=$!
 wait $a
 wait $b
-distill heldout.jsonl heldout_answers.jsonl 200
+distill heldout.jsonl heldout_answers.jsonl "$HELDOUT"
 
-pids=()
+# Medusa first: its run fills the feature cache (~15 min of target forwards on 2 threads); Amphista's reads it.
 for drafter in medusa amphista; do
-    "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --data "$RUN_DIR/greedy_a.jsonl" "$RUN_DIR/greedy_b.jsonl" \
-        --eval-data "$RUN_DIR/heldout_answers.jsonl" --out "$RUN_DIR/$drafter" --epochs "$EPOCHS" --batch-size 8 \
-        --seq-len 512 --seed 0 --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress \
-        >"$RUN_DIR/$drafter.log" 2>&1 &
-    pids+=($!)
+    OMP_NUM_THREADS=2 "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" \
+        --data "$RUN_DIR/greedy_a.jsonl" "$RUN_DIR/greedy_b.jsonl" --eval-data "$RUN_DIR/heldout_answers.jsonl" \
+        --out "$RUN_DIR/$drafter" --epochs "$EPOCHS" --batch-size 8 --seq-len 512 --seed 0 \
+        --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter.log" 2>&1
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
 
 for drafter in medusa amphista; do
     "$AMPHISTA" heads-accuracy --target "$TARGET" --drafter "$RUN_DIR/$drafter" \
