@@ -372,3 +372,15 @@ def test_smollm2_two_turn_mt_bench(tmp_path):
     assert re.search(r"<\|im_start\|>assistant\n", text) and first.text in text
     for m in results["methods"].values():
         assert m["exact_match"] in (1.0, None)
+
+
+def test_per_category_keeps_the_first_questions_of_each_category():
+    from amphista.bench import load_questions
+
+    questions = load_questions("mt_bench", per_category=2)
+    assert len(questions) == 16 and len({q.category for q in questions}) == 8
+    full = load_questions("mt_bench")
+    for category in {q.category for q in full}:
+        first = [q.question_id for q in full if q.category == category][:2]
+        assert [q.question_id for q in questions if q.category == category] == first
+    assert len(load_questions("mt_bench", per_category=2, limit=5)) == 5

@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--limit", type=positive_int, help="at most this many questions (default: all)")
+    p.add_argument(
+        "--per-category", type=positive_int, metavar="N", help="the first N questions of each category (default: all)"
+    )
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit per turn")
     p.add_argument(
         "--runs", type=positive_int, default=3, help="repeat everything this many times (mean ± std)"
@@ -139,6 +142,7 @@ def config_from_args(args):
         questions=args.questions,
         categories=args.categories,
         limit=args.limit,
+        per_category=args.per_category,
         max_new_tokens=args.max_new_tokens,
         runs=args.runs,
         warmup=args.warmup,

@@ -75,10 +75,12 @@ def parse_question(obj, where: str) -> Question:
     return Question(qid, category, list(turns), reference, extra)
 
 
-def load_questions(source=None, categories=None, limit: int | None = None) -> list[Question]:
+def load_questions(
+    source=None, categories=None, limit: int | None = None, per_category: int | None = None
+) -> list[Question]:
     """Questions from a JSONL file, a bundled set's name ("mt_bench", "stories"; None: the story openings)
-    or a list of dicts/Questions, filtered to `categories` (a list or "a,b"), in file order, at most
-    `limit` of them."""
+    or a list of dicts/Questions, filtered to `categories` (a list or "a,b"), in file order, the first
+    `per_category` of each category, at most `limit` of them."""
     if source is None:
         source = default_questions_path()
     if isinstance(source, (str, Path)):
@@ -108,6 +110,16 @@ def load_questions(source=None, categories=None, limit: int | None = None) -> li
                 f"the questions have {', '.join(known)}"
             )
         questions = [q for q in questions if q.category in wanted]
+    if per_category is not None:
+        if per_category < 1:
+            raise InputError(f"the questions per category must be at least 1, got {per_category}")
+        taken: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            taken[q.category] = taken.get(q.category, 0) + 1
+            if taken[q.category] <= per_category:
+                kept.append(q)
+        questions = kept
     if limit is not None:
         if limit < 1:
             raise InputError(f"the question limit must be at least 1, got {limit}")

@@ -44,6 +44,7 @@ class BenchConfig:
     questions: object = None
     categories: list[str] | str | None = None
     limit: int | None = None  # at most this many questions (after the category filter)
+    per_category: int | None = None  # the first N questions of each category (a paper-style table, sooner)
     max_new_tokens: int = 256
     runs: int = 3
     warmup: int = 1
@@ -125,7 +126,7 @@ def prepare(cfg: BenchConfig):
         from ..training.data import check_output
 
         check_output(cfg.out, "--out", folder=True)  # the results must not be lost after the whole run
-    questions = load_questions(_questions_source(cfg), cfg.categories, cfg.limit)
+    questions = load_questions(_questions_source(cfg), cfg.categories, cfg.limit, cfg.per_category)
     specs = _drafter_specs(cfg)
     shape = loading.target_shape(cfg.target) if any(map(_is_path, specs.values())) else None
     for name, spec in specs.items():
@@ -300,6 +301,7 @@ def _settings_dict(cfg: BenchConfig, questions) -> dict:
         "dtype",
         "threads",
         "limit",
+        "per_category",
         "step_breakdown",
     )
     d = {k: v for k, v in asdict(cfg).items() if k in keep}
