@@ -12,8 +12,8 @@
 # 3. Medusa and Amphista drafters, both with a reduced draft vocabulary (the 8,192 most frequent answer
 #    tokens) read through the target's frozen lm_head (shared_lm_head), trained on the same data, steps and
 #    seed; the target's hidden states are computed once into the feature cache and read by both runs
-# 4. head accuracies, per head and per tree path, on the model's greedy answers to the 200 held-out prompts:
-#    the shipped head_accuracy.json picks the trees
+# 4. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
+#    (written by training, from --eval-data): the shipped head_accuracy.json picks the trees
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/smollm2}
@@ -65,9 +65,8 @@ for drafter in medusa amphista; do
         --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter.log" 2>&1
 done
 
+# Training measures head_accuracy.json (per head and per tree path) on --eval-data, the held-out answers.
 for drafter in medusa amphista; do
-    "$AMPHISTA" heads-accuracy --target "$TARGET" --drafter "$RUN_DIR/$drafter" \
-        --data "$RUN_DIR/heldout_answers.jsonl" --json "$RUN_DIR/$drafter/head_accuracy.json"
     mkdir -p "$ASSETS/$drafter"
     cp "$RUN_DIR/$drafter/config.json" "$RUN_DIR/$drafter/model.safetensors" "$RUN_DIR/$drafter/head_accuracy.json" \
         "$ASSETS/$drafter/"
