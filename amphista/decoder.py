@@ -19,7 +19,7 @@ from .errors import InputError, TreeError
 from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
 from .target import decode_attention
-from .tree import TreeBuffers, TreeSpec
+from .tree import FixedTree, TreeBuffers, TreeSpec
 from .verify import verify_greedy, verify_sampling, verify_typical
 
 
@@ -122,6 +122,7 @@ class SpeculativeDecoder(Decoder):
                 f"the tree asks for rank {spec.max_rank} but the vocabulary has {self.target.vocab_size} tokens"
             )
         self.tree = spec
+        self.tree_policy = FixedTree(spec)
         self.buffers = TreeBuffers(spec, self.target.device)
         self.extra_cache = spec.num_nodes
 

@@ -541,6 +541,32 @@ class Decoder:
 
     generate.__doc__ = _GENERATE_DOC
 
+    def generate_batch(self, prompts, *, max_batch_size: int | None = None, **kwargs) -> list[GenerateOutput]:
+        """Decode several prompts together; return one GenerateOutput per prompt, in order.
+
+        `decoder.generate_batch([ids_a, ids_b, ids_c], max_new_tokens=64)`: prompts of any lengths (lists of
+        token ids or 1-D tensors), the keywords of `generate` (help(decoder.generate)), applied to every
+        prompt. One target forward per step serves every live row; each row keeps its own cache length,
+        stop rules and sampler, and leaves the batch when it stops. Greedy rows equal their own `generate`;
+        `seed=s` seeds row i with s + i, so sampled rows are reproducible.
+
+        max_batch_size: most rows decoded at once (default: all prompts); the rest join as rows finish.
+        """
+        gen = self.stream_batch(prompts, max_batch_size=max_batch_size, **kwargs)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as done:
+                return done.value
+
+    def stream_batch(self, prompts, *, max_batch_size: int | None = None, **kwargs) -> Iterator[dict[int, list[int]]]:
+        """Yield {prompt index: new token ids} after every target forward; return the GenerateOutputs
+        (also kept in `self.last_outputs`). Same arguments as `generate_batch`."""
+        from .batch import run_batch
+
+        self.last_outputs = yield from run_batch(self, prompts, kwargs, max_batch_size)
+        return self.last_outputs
+
     def _output(self, request, generated, accept_lengths, reason, t0, step_times) -> GenerateOutput:
         seq = torch.tensor([request.prompt + generated], dtype=torch.long)
         return GenerateOutput(

@@ -113,6 +113,17 @@ class TreeSpec:
         return total
 
 
+class FixedTree:
+    """The tree policy of a decoder given one tree: every step verifies `spec`, whatever the batch size."""
+
+    def __init__(self, spec: TreeSpec):
+        self.spec = spec
+        self.max_nodes = spec.num_nodes
+
+    def choose(self, rows: int) -> TreeSpec:
+        return self.spec
+
+
 class TreeBuffers:
     """Index tensors built once per tree and device; every step reuses them."""
 
