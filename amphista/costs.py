@@ -1,0 +1,390 @@
+"""Step-time cost model and the per-step tree choice of `tree="auto"`.
+
+Whether a token tree pays depends on how much more a forward over n tokens per row costs than a one-token
+forward, and that depends on the number of live rows: a small batch on a GPU reads the weights once
+whatever the tokens (a 64-node tree is nearly free), a full batch or a CPU is compute-bound (every node
+costs its share). So the cost of one target forward is measured once per model, drafter and machine on a
+(rows, tokens per row) grid and cached; `TreePolicy` then picks, for the current number of rows, the tree
+with the most expected committed tokens per second -- down to plain decoding where no tree pays. See
+docs/cost-model.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .errors import InputError
+from .files import atomic_write_json
+from .sources import CACHE_ENV, cache_dir
+from .tree import HeadAccuracy, TreeSpec, build_tree, expected_tau
+
+OVERRIDE_ENV = "AMPHISTA_COST_MODEL"  # a cost-model JSON file used instead of the cache
+ROWS = (1, 2, 4, 8, 16)
+TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+TREE_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
+# Verification and bookkeeping per row per step; a guess that `TreePolicy.observe` corrects where it is off.
+DEFAULT_OVERHEAD_S = 1e-4
+BUDGET_S = 20.0
+FORMAT_VERSION = 1
+
+
+def _interp(points: list[tuple[int, float]], x: float) -> float:
+    """Piecewise linear through points sorted by x. Beyond the last point: the line through the last two,
+    but never below the last value (noise must not make a larger forward look cheaper than a measured
+    smaller one). Before the first: the first value (calibration always measures 1 row and 1 token)."""
+    if len(points) == 1 or x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return max(y1, y1 + (y1 - y0) * (x - x1) / (x1 - x0))
+
+
+def _seconds(value, what: str) -> float:
+    s = float(value)
+    if not math.isfinite(s) or s < 0:
+        raise InputError(f"{what} is {value!r}: seconds must be a finite number >= 0")
+    return s
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{what} is {value!r}: it must be a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured step costs. `forward` need not be a full grid: calibration under a time budget leaves
+    out the largest points, and each row count is interpolated over the token counts it has."""
+
+    forward: dict[tuple[int, int], float]  # (rows, tokens per row) -> seconds of one target forward
+    draft: dict[int, float] = field(default_factory=dict)  # rows -> seconds of one draft call
+    overhead_s: float = DEFAULT_OVERHEAD_S  # per row per step: verification and bookkeeping
+
+    def __post_init__(self):
+        if not self.forward:
+            raise InputError("a cost model needs at least one measured forward")
+        by_rows: dict[int, list[tuple[int, float]]] = {}
+        for (r, t), s in sorted(self.forward.items()):
+            by_rows.setdefault(r, []).append((t, s))
+        object.__setattr__(self, "_by_rows", by_rows)
+        object.__setattr__(self, "_draft", sorted(self.draft.items()))
+
+    def forward_s(self, rows: int, tokens: int) -> float:
+        """Seconds of one forward of `tokens` tokens in each of `rows` rows: interpolated in tokens within
+        each measured row count, then in rows."""
+        return _interp([(r, _interp(pts, tokens)) for r, pts in self._by_rows.items()], rows)
+
+    def draft_s(self, rows: int) -> float:
+        return _interp(self._draft, rows) if self._draft else 0.0
+
+    def step_s(self, rows: int, nodes: int) -> float:
+        """Seconds of one decoding step verifying `nodes` tokens per row (1: plain decoding, no draft)."""
+        draft = self.draft_s(rows) if nodes > 1 else 0.0
+        return self.forward_s(rows, nodes) + draft + rows * self.overhead_s
+
+    def to_json(self) -> dict:
+        return {
+            "version": FORMAT_VERSION,
+            "forward": [[r, t, s] for (r, t), s in sorted(self.forward.items())],
+            "draft": [[r, s] for r, s in sorted(self.draft.items())],
+            "overhead_s": self.overhead_s,
+        }
+
+    @classmethod
+    def from_json(cls, data) -> CostModel:
+        """Raises InputError, naming the problem, on anything but the format `to_json` writes."""
+        if not isinstance(data, dict) or not isinstance(data.get("forward"), list):
+            raise InputError('a cost model is a JSON object {"forward": [[rows, tokens, seconds], ...], ...}')
+        if data.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise InputError(f"cost model format version {data['version']!r} is not {FORMAT_VERSION}")
+        try:
+            forward = {
+                (_count(r, "rows"), _count(t, "tokens")): _seconds(s, f"forward ({r}, {t})")
+                for r, t, s in data["forward"]
+            }
+            draft = {_count(r, "rows"): _seconds(s, f"draft ({r})") for r, s in data.get("draft") or []}
+            overhead = _seconds(data.get("overhead_s", DEFAULT_OVERHEAD_S), "overhead_s")
+        except InputError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise InputError(
+                f"malformed cost model ({e}): forward is [[rows, tokens, seconds], ...], "
+                "draft [[rows, seconds], ...]"
+            ) from None
+        return cls(forward, draft, overhead)
+
+    def describe(self) -> str:
+        """A text table in milliseconds; `~` marks interpolated values."""
+        rows = sorted({r for r, _ in self.forward})
+        tokens = sorted({t for _, t in self.forward})
+        lines = ["target forward, ms (rows down, tokens per row across; ~ interpolated)"]
+        lines.append("rows " + "".join(f"{t:>9}" for t in tokens))
+        for r in rows:
+            cells = []
+            for t in tokens:
+                mark = "" if (r, t) in self.forward else "~"
+                cells.append(f"{mark}{self.forward_s(r, t) * 1e3:.3f}".rjust(9))
+            lines.append(f"{r:>4} " + "".join(cells))
+        if self.draft:
+            cells = (f"{r} rows {s * 1e3:.3f}" for r, s in sorted(self.draft.items()))
+            lines.append("draft call, ms: " + ", ".join(cells))
+        else:
+            lines.append("draft call: not measured (counted as free)")
+        lines.append(f"overhead: {self.overhead_s * 1e3:.3f} ms per row per step")
+        return "\n".join(lines)
+
+
+def _median_timed(measure: Callable, args: tuple, repeats: int) -> tuple[float | None, float]:
+    """(median of `repeats` results after one warm-up or None if the measure returned None, seconds spent).
+    Each call is charged the larger of what it reports and its wall time (setup counts against the budget)."""
+    spent, results = 0.0, []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        s = measure(*args)
+        wall = time.perf_counter() - start
+        if s is None:
+            return None, spent + wall
+        spent += max(float(s), wall)
+        if i:
+            results.append(float(s))
+    return statistics.median(results), spent
+
+
+def calibrate(
+    measure_forward: Callable[[int, int], float],
+    measure_draft: Callable[[int], float | None] | None = None,
+    rows: tuple[int, ...] = ROWS,
+    tokens: tuple[int, ...] = TOKENS,
+    repeats: int = 3,
+    overhead_s: float = DEFAULT_OVERHEAD_S,
+    budget_s: float = BUDGET_S,
+) -> CostModel:
+    """Measure a `CostModel`: each point is the median of `repeats` calls after one warm-up.
+
+    measure_forward(rows, tokens) runs one real batched forward (at a typical cache length) and returns its
+    seconds; measure_draft(rows) returns a draft call's seconds, or None where it cannot be measured.
+    The draft is measured first for every row count, then the forward grid in order of increasing work
+    (rows x tokens). A point whose cost, predicted from the points measured so far, would take the
+    calibration past `budget_s` is skipped and later interpolated: on a slow machine the largest batches
+    of the largest trees, which `auto` rarely picks, are extrapolated from smaller ones. The first point
+    of each kind is always measured.
+    """
+    rows, tokens = sorted(set(rows)), sorted(set(tokens))
+    spent, draft, forward = 0.0, {}, {}
+    for r in rows if measure_draft is not None else ():
+        if draft and spent + _interp(sorted(draft.items()), r) * (repeats + 1) > budget_s:
+            continue
+        s, cost = _median_timed(measure_draft, (r,), repeats)
+        spent += cost
+        if s is not None:
+            draft[r] = s
+    for r, t in sorted(((r, t) for r in rows for t in tokens), key=lambda p: (p[0] * p[1], p[1])):
+        if forward and spent + CostModel(forward).forward_s(r, t) * (repeats + 1) > budget_s:
+            continue
+        forward[(r, t)], cost = _median_timed(measure_forward, (r, t), repeats)
+        spent += cost
+    return CostModel(forward, draft, overhead_s)
+
+
+def _canonical(key: dict) -> dict:
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def cache_path(key: dict) -> Path:
+    """Where the cost model of `key` is cached: <cache root>/costs/<sha256 of the key>.json."""
+    digest = hashlib.sha256(json.dumps(_canonical(key), sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "costs" / f"{digest}.json"
+
+
+def cost_key(model_config, dtype, device, drafter: dict | None = None) -> dict:
+    """The cache key of a cost model: everything that changes step times. `model_config` is a Hugging Face
+    config (or its dict), `drafter` a description of the drafter (its type and config), hashed."""
+    cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    fields = ("_name_or_path", "architectures", "model_type", "hidden_size", "intermediate_size",
+              "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    device = torch.device(device)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    drafter_hash = None
+    if drafter is not None:
+        text = json.dumps(drafter, sort_keys=True, default=str)
+        drafter_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return {
+        "model": {k: cfg.get(k) for k in fields},
+        "dtype": str(dtype),
+        "drafter": drafter_hash,
+        "device": str(device),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def load_or_calibrate(
+    key: dict,
+    measure_forward: Callable[[int, int], float],
+    measure_draft: Callable[[int], float | None] | None = None,
+    *,
+    rows: tuple[int, ...] = ROWS,
+    tokens: tuple[int, ...] = TOKENS,
+    repeats: int = 3,
+    overhead_s: float = DEFAULT_OVERHEAD_S,
+    budget_s: float = BUDGET_S,
+) -> CostModel:
+    """The cached cost model of `key`, calibrated (and cached) when there is none.
+
+    $AMPHISTA_COST_MODEL, when set, names a cost-model JSON file used as is (its key, if any, is not
+    checked); a broken one raises InputError. A cache file that cannot be read or parsed, or that holds
+    another key, is recalibrated and rewritten atomically; a cache that cannot be written only costs a
+    calibration next time."""
+    override = os.environ.get(OVERRIDE_ENV)
+    if override:
+        try:
+            data = json.loads(Path(override).expanduser().read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(
+                f"${OVERRIDE_ENV} names {override!r}, which cannot be read as JSON ({e})"
+            ) from None
+        try:
+            return CostModel.from_json(data)
+        except InputError as e:
+            raise InputError(f"${OVERRIDE_ENV} file {override!r}: {e}") from None
+    path, key = cache_path(key), _canonical(key)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("key") == key:
+            return CostModel.from_json(data)
+    except (OSError, ValueError):  # missing or corrupt: calibrate again
+        pass
+    model = calibrate(measure_forward, measure_draft, rows, tokens, repeats, overhead_s, budget_s)
+    try:
+        atomic_write_json(path, {"key": key, **model.to_json()})
+    except OSError as e:
+        print(f"amphista: cannot cache the cost model in {path} ({e}): set ${CACHE_ENV}", file=sys.stderr)
+    return model
+
+
+class Candidate(NamedTuple):
+    nodes: int  # tokens verified per row, root included; 1 = plain decoding
+    tree: TreeSpec | None
+    tau: float  # expected committed tokens per step
+
+
+def _bucket(rows: int) -> int:
+    """The power of two at or above `rows`: row counts that share an online correction."""
+    return 1 << (max(rows, 1) - 1).bit_length()
+
+
+class TreePolicy:
+    """Chooses the tree of each step for the number of live rows: the candidate maximising
+    rows * tau / step_s(rows, nodes), where plain decoding (tau 1, no draft) is a candidate.
+
+    It needs the drafter's head accuracies (per-head cumulative top-k lists, or a `HeadAccuracy` with
+    measured path frequencies; for greedy decoding those of `load_accuracies(path, greedy=True)`). A drafter
+    without them has no policy: the caller uses a fixed tree."""
+
+    ALPHA = 0.1  # weight of one observation in the online correction
+    STEP = math.log(2.0)  # bound on one observation's log(measured / predicted) pull: a hiccup moves little
+    FORGET = 0.0002  # per observation, how far the other candidates' log corrections relax back to 0
+
+    def __init__(self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64):
+        acc = list(accuracies)[: max_depth or None]
+        paths = getattr(accuracies, "paths", None)
+        if paths is not None:
+            acc = HeadAccuracy(acc, {p: f for p, f in paths.items() if len(p) <= len(acc)})
+        self.cost = cost
+        self.candidates = [Candidate(1, None, 1.0)]
+        for n in TREE_SIZES:
+            if n > max_nodes:
+                break
+            tree = build_tree(acc, n)
+            if tree.num_nodes > self.candidates[-1].nodes:  # fewer nodes than asked: the tree is exhausted
+                self.candidates.append(Candidate(tree.num_nodes, tree, expected_tau(tree, acc)))
+        self._index = {c.nodes: i for i, c in enumerate(self.candidates)}
+        # (rows bucket, nodes) -> moving average of log(measured / predicted step time)
+        self._log_ratio: dict[tuple[int, int], float] = {}
+        self._base: dict[int, list[float]] = {}  # rows -> predicted step seconds per candidate
+        self._choice: dict[int, Candidate] = {}
+
+    def _predicted(self, rows: int) -> list[float]:
+        base = self._base.get(rows)
+        if base is None:
+            base = self._base[rows] = [max(self.cost.step_s(rows, c.nodes), 1e-12) for c in self.candidates]
+        return base
+
+    def _rates(self, rows: int) -> list[float]:
+        """Predicted committed tokens per second of each candidate, corrected by observations."""
+        bucket = _bucket(rows)
+        return [
+            rows * c.tau / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
+            for c, s in zip(self.candidates, self._predicted(rows))
+        ]
+
+    def _best(self, rows: int) -> Candidate:
+        choice = self._choice.get(rows)
+        if choice is None:
+            rates, best = self._rates(rows), 0
+            # Ties go to the smaller tree; a tree that commits a single token never wins.
+            for i in range(1, len(rates)):
+                if self.candidates[i].tau > 1.0 and rates[i] > rates[best]:
+                    best = i
+            choice = self._choice[rows] = self.candidates[best]
+        return choice
+
+    def choose(self, rows: int) -> TreeSpec | None:
+        """The tree for a step with `rows` live rows, or None for plain decoding."""
+        return self._best(rows).tree
+
+    def observe(self, rows: int, nodes: int, seconds: float) -> None:
+        """Feed back a measured step time, so that a calibration that is off (another process on the cores,
+        a cache length unlike the calibration's) heals. Per (rows bucket, nodes), a moving average of
+        log(measured / predicted) rescales that candidate's predicted cost: a tree slower than predicted
+        loses to the next best, which is then measured in turn. One observation pulls the average by at
+        most ALPHA * STEP (a 10x hiccup moves it 7%). Only the chosen candidate is measured, so the others'
+        corrections relax back to none (half-life ~3,500 steps of their bucket): a tree judged slow by a
+        passing load is tried again rather than excluded for good."""
+        if seconds <= 0 or nodes not in self._index:
+            return
+        sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
+        bucket = _bucket(rows)
+        for c in self.candidates:
+            log_ratio = self._log_ratio.get((bucket, c.nodes), 0.0)
+            if c.nodes == nodes:
+                step = min(max(sample - log_ratio, -self.STEP), self.STEP)
+                self._log_ratio[(bucket, c.nodes)] = log_ratio + self.ALPHA * step
+            elif log_ratio:
+                self._log_ratio[(bucket, c.nodes)] = log_ratio * (1.0 - self.FORGET)
+        for r in [r for r in self._choice if _bucket(r) == bucket]:
+            del self._choice[r]
+
+    def table(self, rows_list=ROWS) -> list[dict]:
+        """Per row count: the chosen size, its expected tau and predicted tokens/s, and plain decoding's."""
+        out = []
+        for rows in rows_list:
+            choice, rates = self._best(rows), self._rates(rows)
+            out.append({
+                "rows": rows,
+                "nodes": choice.nodes,
+                "tau": choice.tau,
+                "tokens_per_s": rates[self._index[choice.nodes]],
+                "plain_tokens_per_s": rates[0],
+            })
+        return out

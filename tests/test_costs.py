@@ -1,0 +1,236 @@
+"""The cost model and the per-step tree policy of tree="auto", on synthetic timings (no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amphista.costs import (
+    OVERRIDE_ENV,
+    TOKENS,
+    CostModel,
+    TreePolicy,
+    cache_path,
+    calibrate,
+    cost_key,
+    load_or_calibrate,
+)
+from amphista.errors import InputError
+from amphista.tree import HeadAccuracy, build_tree
+
+GOOD = [[0.8, 0.9, 0.93, 0.95], [0.6, 0.75, 0.8, 0.83], [0.45, 0.6, 0.65, 0.7], [0.35, 0.5, 0.55, 0.6]]
+ZERO = [[0.0, 0.0, 0.0, 0.0]] * 4
+
+
+def compute_bound(rows, tokens):  # the fixed part is ~3% of a 16-row plain step
+    return 5e-4 + 2.5e-4 * rows * tokens
+
+
+def weight_bound(rows, tokens):
+    return 1e-2
+
+
+def model(measure, draft=None, overhead_s=0.0):
+    return calibrate(measure, draft, repeats=1, overhead_s=overhead_s, budget_s=1e9)
+
+
+class Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        return self.fn(*args)
+
+
+def test_interpolation_and_extrapolation():
+    m = CostModel({(1, 1): 1.0, (1, 4): 4.0, (4, 1): 2.0, (4, 4): 8.0}, overhead_s=0.0)
+    assert m.forward_s(1, 2) == pytest.approx(2.0)
+    assert m.forward_s(4, 2) == pytest.approx(4.0)
+    assert m.forward_s(2, 2) == pytest.approx(2.0 + 2.0 / 3)  # then linear in rows
+    assert m.forward_s(1, 8) == pytest.approx(8.0)  # the line through the last two tokens
+    assert m.forward_s(8, 4) == pytest.approx(8.0 + 4.0 / 3 * 4)  # and rows
+    falling = CostModel({(1, 1): 2.0, (1, 8): 1.0})  # noise: never extrapolated below the last measure
+    assert falling.forward_s(1, 64) == 1.0
+    assert falling.forward_s(1, 4) == pytest.approx(2.0 - 3.0 / 7)
+    assert CostModel({(2, 2): 3.0}).forward_s(1, 1) == 3.0  # left of the grid: the first value
+    # A ragged grid (budget-skipped points): each row count is extrapolated over its own tokens.
+    points = [(1, 1), (1, 2), (1, 64), (16, 1), (16, 4)]
+    ragged = CostModel({p: compute_bound(*p) for p in points})
+    assert ragged.forward_s(16, 64) == pytest.approx(compute_bound(16, 64))
+    expected = (compute_bound(1, 32) * 8 + compute_bound(16, 32) * 7) / 15  # linear in rows between 1 and 16
+    assert ragged.forward_s(8, 32) == pytest.approx(expected)
+
+
+def test_step_cost():
+    m = CostModel({(1, 1): 1.0, (1, 8): 2.0, (4, 1): 1.5, (4, 8): 3.0}, {1: 0.25, 4: 0.5}, overhead_s=0.01)
+    assert m.step_s(1, 1) == pytest.approx(1.0 + 0.01)  # plain decoding drafts nothing
+    assert m.step_s(4, 8) == pytest.approx(3.0 + 0.5 + 0.04)
+    assert m.draft_s(2) == pytest.approx(0.25 + 0.25 / 3)
+    assert CostModel({(1, 1): 1.0}).draft_s(4) == 0.0
+
+
+def test_json_round_trip_and_errors():
+    m = CostModel({(1, 1): 1e-3, (2, 4): 2e-3}, {1: 1e-4}, overhead_s=5e-5)
+    back = CostModel.from_json(json.loads(json.dumps(m.to_json())))
+    assert back == m and back.forward_s(2, 3) == m.forward_s(2, 3)
+    for bad in ({}, [], {"forward": []}, {"forward": [[1, 1]]}, {"forward": [[0, 1, 1.0]]},
+                {"forward": [[1, 1, -1.0]]}, {"forward": [[1, 1, "x"]]},
+                {"forward": [[1, 1, 1.0]], "draft": [1]},
+                {"forward": [[1, 1, 1.0]], "version": 99}):
+        with pytest.raises(InputError):
+            CostModel.from_json(bad)
+    text = model(compute_bound).describe()
+    assert "rows" in text and "0.750" in text and "overhead" in text
+    assert "~" in CostModel({(1, 1): 1.0, (2, 4): 2.0}).describe()
+
+
+def test_policy_compute_vs_weight_bound():
+    compute = TreePolicy(model(compute_bound), GOOD)
+    assert compute.choose(1) is not None  # one row: the tree's extra tokens are cheap next to the fixed cost
+    assert compute.choose(16) is None  # sixteen rows: every token costs its share, plain decoding wins
+    weight = TreePolicy(model(weight_bound), GOOD)
+    assert weight.choose(16).num_nodes == 64  # a free forward: the largest tree
+    assert weight.choose(16).num_nodes > compute.choose(1).num_nodes
+    rows = [r["rows"] for r in compute.table([1, 16])]
+    assert rows == [1, 16]
+    one, sixteen = compute.table([1, 16])
+    assert one["nodes"] > 1 and one["tokens_per_s"] > one["plain_tokens_per_s"]
+    assert sixteen["nodes"] == 1 and sixteen["tau"] == 1.0
+    assert sixteen["tokens_per_s"] == pytest.approx(16 / compute_bound(16, 1))
+
+
+def test_policy_picks_plain_when_no_tree_pays():
+    assert all(TreePolicy(model(weight_bound), ZERO).choose(r) is None for r in (1, 2, 4, 8, 16, 32))
+    costly_draft = model(weight_bound, lambda rows: 0.05)  # 5x a forward, more than any tau can repay
+    assert all(TreePolicy(costly_draft, GOOD).choose(r) is None for r in (1, 4, 16))
+    cheap_draft = model(weight_bound, lambda rows: 1e-3)
+    assert TreePolicy(cheap_draft, GOOD).choose(1) is not None
+
+
+def test_policy_candidates_respect_depth_nodes_and_paths():
+    policy = TreePolicy(model(weight_bound), GOOD, max_depth=2, max_nodes=10)
+    assert [c.nodes for c in policy.candidates] == [1, 2, 3, 4, 5, 6, 8, 10]
+    assert all(c.tree.depth <= 2 for c in policy.candidates[1:])
+    assert policy.choose(1).num_nodes == 10
+    # One head with top-2: at most 3 nodes, whatever is asked.
+    assert [c.nodes for c in TreePolicy(model(weight_bound), [[0.5, 0.7]]).candidates] == [1, 2, 3]
+    # Measured path frequencies are used, trimmed to the drafter's depth.
+    acc = HeadAccuracy(GOOD, {(0,): 0.8, (1,): 0.1, (0, 0): 0.7, (0, 0, 0): 0.65})
+    policy = TreePolicy(model(weight_bound), acc, max_depth=2, max_nodes=4)
+    trimmed = HeadAccuracy(GOOD[:2], {(0,): 0.8, (1,): 0.1, (0, 0): 0.7})
+    assert policy.candidates[-1].tree == build_tree(trimmed, 4)
+    assert policy.candidates[-1].tau == pytest.approx(1 + 0.8 + 0.1 + 0.7)
+    assert [c.nodes for c in TreePolicy(model(weight_bound), GOOD, max_nodes=1).candidates] == [1]
+
+
+def test_observe_heals_a_wrong_calibration():
+    def real(nodes):  # each token costs 20% of a one-token step
+        return 1e-2 + 2e-3 * nodes
+
+    policy = TreePolicy(model(weight_bound), GOOD)  # believes every tree is free
+    assert policy.choose(1).num_nodes == 64
+    best = max(c.tau / real(c.nodes) for c in policy.candidates)
+    chosen = []
+    for step in range(1000):
+        tree = policy.choose(1)
+        nodes = 1 if tree is None else tree.num_nodes
+        chosen.append(nodes)
+        policy.observe(1, nodes, real(nodes) * (10 if step % 97 == 50 else 1))  # with a few hiccups
+    tau = {c.nodes: c.tau for c in policy.candidates}
+    late = chosen[200:]
+    assert sum(tau[n] / real(n) for n in late) / len(late) > 0.85 * best  # 0.18 * best without observe
+    assert policy.choose(16).num_nodes == 64  # another rows bucket keeps its own correction
+    policy.observe(16, 7, 1.0)  # not a candidate size: ignored
+    policy.observe(16, 64, 0.0)
+    assert policy.choose(16).num_nodes == 64
+    right = TreePolicy(model(lambda r, t: real(t)), GOOD)
+    first = right.choose(1)
+    for step in range(1000):  # a right calibration stays put, hiccups and all
+        policy_nodes = right.choose(1).num_nodes
+        right.observe(1, policy_nodes, real(policy_nodes) * (10 if step % 97 == 50 else 1))
+    assert right.choose(1) == first
+
+
+def test_calibrate_medians_and_draft():
+    values = iter([100.0, 1.0, 3.0, 2.0])  # a slow warm-up, then three repeats
+    m = calibrate(lambda r, t: next(values), rows=(1,), tokens=(1,), repeats=3)
+    assert m.forward == {(1, 1): 2.0}
+    draft = Counter(lambda rows: None if rows == 4 else 1e-4 * rows)
+    m = calibrate(compute_bound, draft, rows=(1, 2, 4), tokens=(1, 2), repeats=2)
+    assert m.draft == {1: pytest.approx(1e-4), 2: pytest.approx(2e-4)}  # None: not measured
+    assert draft.calls.count((1,)) == 3 and draft.calls.count((4,)) == 1
+    assert set(m.forward) == {(r, t) for r in (1, 2, 4) for t in (1, 2)}
+
+
+def test_calibrate_respects_the_budget():
+    measure = Counter(lambda r, t: 1e-3 * r * t)  # linear: extrapolation from the measured points is exact
+    m = calibrate(measure, repeats=3, budget_s=2.0)
+    assert 1.5 < sum(1e-3 * r * t for r, t in measure.calls) <= 2.0
+    assert len(measure.calls) == 4 * len(m.forward)  # one warm-up and three repeats per point
+    assert (16, 64) not in m.forward and all((r, 1) in m.forward for r in (1, 2, 4, 8, 16))
+    assert (1, 32) in m.forward and (16, 4) not in m.forward  # cheapest points first
+    assert m.forward_s(16, 64) == pytest.approx(1e-3 * 16 * 64)
+    assert m.forward_s(8, 24) == pytest.approx(1e-3 * 8 * 24)
+    # Even a zero budget measures one point, so that there is a model.
+    tight = Counter(lambda r, t: 1.0)
+    assert calibrate(tight, budget_s=0.0).forward == {(1, 1): 1.0} and len(tight.calls) == 4
+    full = Counter(lambda r, t: 1e-3)
+    assert len(calibrate(full, budget_s=20.0).forward) == 5 * len(TOKENS)
+
+
+def test_cache_round_trip_corruption_and_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    key = {"model": "tiny", "layers": 2, "dtype": torch.float32}
+    first = Counter(compute_bound)
+    m = load_or_calibrate(key, first, repeats=1)
+    path = cache_path(key)
+    assert path.parent == tmp_path / "cache" / "costs" and path.is_file() and first.calls
+    assert json.loads(path.read_text())["key"]["dtype"] == "torch.float32"
+    again = Counter(compute_bound)
+    assert load_or_calibrate(key, again, repeats=1) == m and not again.calls
+    path.write_text("{not json")
+    assert load_or_calibrate(key, again, repeats=1) == m and again.calls
+    assert CostModel.from_json(json.loads(path.read_text())) == m  # rewritten
+    data = json.loads(path.read_text())
+    data["key"]["layers"] = 3  # a hash collision, or a file copied by hand: not this key's model
+    path.write_text(json.dumps(data))
+    other = Counter(weight_bound)
+    assert load_or_calibrate(key, other, repeats=1).forward_s(1, 1) == 1e-2 and other.calls
+    path.write_text(json.dumps({"key": json.loads(path.read_text())["key"], "forward": "x"}))
+    assert load_or_calibrate(key, compute_bound, repeats=1) == m
+    assert cache_path({**key, "layers": 3}) != path
+
+
+def test_cost_model_override(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path / "cache"))
+    file = tmp_path / "costs.json"
+    file.write_text(json.dumps({"forward": [[1, 1, 0.5], [1, 8, 0.5]], "overhead_s": 0.0}))
+    monkeypatch.setenv(OVERRIDE_ENV, str(file))
+    measure = Counter(compute_bound)
+    m = load_or_calibrate({"model": "tiny"}, measure)
+    assert m.forward_s(1, 64) == 0.5 and not measure.calls and not (tmp_path / "cache").exists()
+    file.write_text('{"forward": [[1, 1]]}')
+    with pytest.raises(InputError, match=OVERRIDE_ENV):
+        load_or_calibrate({"model": "tiny"}, measure)
+    monkeypatch.setenv(OVERRIDE_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(InputError, match="missing.json"):
+        load_or_calibrate({"model": "tiny"}, measure)
+
+
+def test_cost_key():
+    class Config:  # a Hugging Face config as far as cost_key reads it
+        def to_dict(self):
+            return {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 97}
+
+    cfg = Config()
+    key = cost_key(cfg, torch.float32, "cpu", {"type": "medusa", "heads": 4})
+    assert key["model"]["hidden_size"] == 32 and key["model"]["num_hidden_layers"] == 2
+    assert key["torch"] == torch.__version__ and key["threads"] == torch.get_num_threads()
+    assert key["dtype"] == "torch.float32" and key["device"] == "cpu"
+    assert cost_key(cfg.to_dict(), torch.float32, "cpu", {"heads": 4, "type": "medusa"}) == key
+    other = cost_key(cfg, torch.float32, "cpu", {"type": "medusa", "heads": 5})
+    assert other["drafter"] != key["drafter"] and cache_path(other) != cache_path(key)
