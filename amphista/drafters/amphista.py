@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from .aeb import AutoEmbeddingBlock
-from .common import HeadDrafter
+from .common import HeadDrafter, last_positions
 from .config import AmphistaConfig
 from .heads import ResBlocks, VocabProjection
 from .sal import StagedAdaptation
@@ -37,6 +37,7 @@ class AmphistaDrafter(HeadDrafter):
 
     drafter_type = "amphista"
     config_class = AmphistaConfig
+    supports_rows = True
 
     def __init__(self, config: AmphistaConfig):
         super().__init__(config)
@@ -50,6 +51,7 @@ class AmphistaDrafter(HeadDrafter):
         stages = c.head_stages() if c.use_sal and c.sal_variant == "split" else None
         self._stage_runs = None if stages is None else [(s, stages.count(s)) for s in sorted(set(stages))]
         self._prepared = False  # reset() gathers the drafting weights
+        self._rows_prepared = False  # reset_rows() does, for batched drafting
 
     def features(self, hidden, next_tokens, position_ids=None) -> torch.Tensor:
         h = hidden.to(self.dtype)  # (B, T, d)
@@ -77,15 +79,15 @@ class AmphistaDrafter(HeadDrafter):
 
     def _apply(self, fn, recurse=True):
         # Moving or casting replaces the parameters, and the drafting weights gathered at reset are views of
-        # the old ones: drafting needs a reset again.
-        self._prepared = False
+        # the old ones: drafting needs a reset (or reset_rows) again.
+        self._prepared = self._rows_prepared = False
         for part in (self.sal, self.aeb):
             if part is not None:
                 part.decode_weights = None
         return super()._apply(fn, recurse)
 
-    def _draft_logits(self, hidden, next_tokens, start_pos):
-        """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (K, N) for the last one."""
+    def _draft_logits(self, hidden, next_tokens, start_pos, depth=None):
+        """hidden (1, n, d), next_tokens (1, n): the newly committed positions -> (depth, N) for the last one."""
         if not self._prepared:
             raise InputError(
                 "the drafter was not reset for this sequence (or was moved or cast since): call "
@@ -97,7 +99,44 @@ class AmphistaDrafter(HeadDrafter):
             a = h[:, -1:]
         else:
             a = self.sal.step(h, self._embed(next_tokens), start_pos)  # (1, 1, [S,] d)
-        return self.project(self._heads(a, decode=True).view(self.num_heads, -1))  # (K, N)
+        # Every head's features (the AEB mixes them), but only the first depth heads' vocabulary logits.
+        x = self._heads(a, decode=True).view(self.num_heads, -1)  # (K, d)
+        return self.project(x if depth is None else x[:depth])  # (depth, N)
+
+    @torch.inference_mode()
+    def reset_rows(self, capacity: int, max_length: int) -> None:
+        if self.sal is not None:
+            self.sal.reset_rows(capacity, max_length, self.device, self.dtype)
+        if self.aeb is not None:
+            self.aeb.prepare_decode()
+        self._rows_prepared = True
+
+    @torch.inference_mode()
+    def grow_rows(self, max_length: int) -> None:
+        if self.sal is not None:
+            self.sal.grow_rows(max_length, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def move_row(self, src: int, dst: int) -> None:
+        if self.sal is not None:
+            self.sal.move_row(src, dst)
+
+    def _draft_rows_logits(self, hidden, next_tokens, start, count, depth, rows=None):
+        if not self._rows_prepared:
+            raise InputError(
+                "the drafter was not reset for batched drafting (or was moved or cast since): call "
+                "drafter.reset_rows(capacity, max_length) before the first draft_rows of every batch"
+            )
+        dtype = self.dtype
+        h = hidden if hidden.dtype == dtype else hidden.to(dtype)
+        if self.sal is not None:
+            rows = slice(0, h.shape[0]) if rows is None else rows
+            a = self.sal.step_rows(h, self._embed(next_tokens), start, count, rows)  # (B, [S,] d)
+        if depth == 0:
+            return None
+        if self.sal is None:
+            a = last_positions(h, count)  # (B, d)
+        return self.project(self._heads(a, decode=True)[:, :depth])  # (B, depth, N)
 
     @property
     def cache_length(self) -> int:

@@ -9,6 +9,16 @@ Incremental use, one sequence at a time:
     logits = drafter.draft(hidden, next_tokens, start_pos)   # prefill: all prompt positions
     ...verify, commit m+1 tokens...
     logits = drafter.draft(hidden_new, next_new, start_pos)  # exactly the newly committed positions
+
+Batched use, B sequences at once (drafters with `supports_rows`), each row with its own committed length:
+    drafter.reset_rows(capacity, max_length)        # forget every sequence; state slots for `capacity` rows
+    top = drafter.draft_rows(hidden, next_tokens, start, count, depth, k)   # (B, depth, k) target ids
+    drafter.move_row(src, dst)                      # slot src's state now lives in slot dst
+    drafter.grow_rows(max_length)                   # room for longer rows, every row's state kept
+Each row's newly committed positions are left-aligned and padded to a common n: hidden (B, n, d),
+next_tokens (B, n); start and count, (B,) long tensors on the drafter's device, say that row b's real
+entries are positions start[b] .. start[b]+count[b]-1. As in the single path, a start below the row's
+committed length rewrites (a rollback).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DrafterMismatchError
+from ..errors import DrafterMismatchError, InputError
 
 
 class Drafter(nn.Module):
@@ -25,12 +35,14 @@ class Drafter(nn.Module):
     Subclasses set `num_heads` (K, the number of tokens drafted ahead), `hidden_size` and `vocab_size` (the
     target's), and implement `draft`; `reset` and `attach` have working defaults. The contract is in this
     module's docstring. AmphistaDrafter and MedusaDrafter are the trained ones; amphista.drafters also has
-    OracleDrafter and RandomDrafter for tests.
+    OracleDrafter and RandomDrafter for tests. Batched decoding needs `supports_rows` and the three row
+    methods; without them a drafter still serves batch size 1.
     """
 
     num_heads: int
     hidden_size: int
     vocab_size: int
+    supports_rows: bool = False  # True where reset_rows, draft_rows and move_row are implemented
 
     def reset(self, max_length: int) -> None:
         """Forget the previous sequence; make room for `max_length` committed positions."""
@@ -50,6 +62,40 @@ class Drafter(nn.Module):
         Drafters with a reduced draft vocabulary override it to take the top-k over their N tokens and map
         only the winners to target ids, instead of spreading N logits over V."""
         return torch.topk(self.draft(hidden, next_tokens, start_pos)[:depth], k, dim=-1).indices
+
+    def reset_rows(self, capacity: int, max_length: int) -> None:
+        """Forget every sequence; make room for `capacity` rows (state slots) of up to `max_length` committed
+        positions each."""
+        self._no_rows()
+
+    def draft_rows(self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None):
+        """Append each row's newly committed positions and draft from its last one.
+
+        hidden:      (B, n, d)  row b's new positions left-aligned: [:count[b]] are real, the rest padding
+        next_tokens: (B, n)     the token committed right after each position (padding: any valid ids)
+        start:       (B,) long  position of row b's first new entry (a value below its length rewrites)
+        count:       (B,) long  real entries per row, at least 1
+        rows:        the state slots of these B rows, a slice of length B; None is slice(0, B)
+        returns:     (B, depth, k) target ids of the k best tokens of each of the first `depth` heads, drafted
+                     from position start[b]+count[b]-1; None when depth == 0 (the positions are only absorbed)
+        """
+        self._no_rows()
+
+    def grow_rows(self, max_length: int) -> None:
+        """Room for `max_length` committed positions per row, every row's state kept (a longer request
+        joined the batch)."""
+        self._no_rows()
+
+    def move_row(self, src: int, dst: int) -> None:
+        """The state of slot `src` now lives in slot `dst` (src is free afterwards): keeps the live rows in
+        slots 0..B-1."""
+        self._no_rows()
+
+    def _no_rows(self):
+        raise InputError(
+            f"{type(self).__name__} does not support batched decoding (implement supports_rows/reset_rows/"
+            "draft_rows/move_row, see amphista.drafters.base); batch size 1 still works through generate()"
+        )
 
     def attach(self, target) -> None:
         """Bind to a target (a `TargetModel`) and check that it fits. Called by the decoder."""

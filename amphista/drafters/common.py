@@ -165,8 +165,14 @@ class HeadDrafter(Drafter):
 
     # --- drafting --------------------------------------------------------------------------------
 
-    def _draft_logits(self, hidden, next_tokens, start_pos) -> torch.Tensor:
-        """Append the newly committed positions; (K, N) draft-space logits for the last one."""
+    def _draft_logits(self, hidden, next_tokens, start_pos, depth: int | None = None) -> torch.Tensor:
+        """Append the newly committed positions; (depth, N) draft-space logits of the first `depth` heads
+        (None: all K) for the last one."""
+        raise NotImplementedError
+
+    def _draft_rows_logits(self, hidden, next_tokens, start, count, depth: int, rows: slice | None = None):
+        """draft_rows's work: (B, depth, N) draft-space logits for each row's last real position, None when
+        depth == 0."""
         raise NotImplementedError
 
     @torch.inference_mode()
@@ -183,7 +189,16 @@ class HeadDrafter(Drafter):
     def draft_topk(self, hidden, next_tokens, start_pos, depth: int, k: int) -> torch.Tensor:
         """As `draft`, but returns the target ids of the k best tokens of the first `depth` heads, (depth, k):
         the top-k is taken over the draft vocabulary and only its winners are mapped to target ids."""
-        logits = self._draft_logits(hidden, next_tokens, start_pos)[:depth]
+        return self._top_ids(self._draft_logits(hidden, next_tokens, start_pos, depth), k)
+
+    @torch.inference_mode()
+    def draft_rows(self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None):
+        """See Drafter.draft_rows; as in draft_topk, the top-k is taken over the draft vocabulary."""
+        logits = self._draft_rows_logits(hidden, next_tokens, start, count, depth, rows)
+        return None if logits is None else self._top_ids(logits, k)
+
+    def _top_ids(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """(..., N) draft-space logits -> (..., k) target ids of the k best."""
         if k > logits.shape[-1]:
             raise InputError(
                 f"the tree asks for rank {k - 1} but the drafter's draft vocabulary has {logits.shape[-1]} "
@@ -214,7 +229,7 @@ class HeadDrafter(Drafter):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """features (..., K, d) -> logits (..., K, V), over the draft vocabulary when there is one (map
-        indices back with `target_ids`)."""
+        indices back with `target_ids`). features[..., :D, :] gives the first D heads' logits only."""
         return self.vocab(features, self._lm_head())
 
     def forward(self, hidden, next_tokens, position_ids=None) -> torch.Tensor:
@@ -246,6 +261,11 @@ class HeadDrafter(Drafter):
         from .io import save_drafter
 
         save_drafter(self, path)
+
+
+def last_positions(x: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """x (B, n, ...), count (B,) -> (B, ...): each row's last real (left-aligned) entry, x[b, count[b] - 1]."""
+    return x[torch.arange(x.shape[0], device=x.device), count - 1]
 
 
 def _forget_vocab_tables(module, incompatible_keys) -> None:

@@ -73,14 +73,22 @@ class VocabProjection(nn.Module):
             self.bias.copy_(b.unsqueeze(0).expand_as(self.bias))
 
     def forward(self, x: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
-        """x (..., K, d) -> logits (..., K, V), V the draft vocabulary's size when there is one (`lm_head` is
-        then the target's rows for it)."""
+        """x (..., D, d), the features of the first D <= K heads -> logits (..., D, V), V the draft
+        vocabulary's size when there is one (`lm_head` is then the target's rows for it). Drafting a shallow
+        tree passes D < K: the deeper heads' vocabulary matmuls, the drafter's largest, are skipped."""
         if not self.shared:
-            if x.dim() == 2:  # one position (drafting): a batched matmul costs half of einsum's dispatch
-                logits = torch.bmm(x.unsqueeze(1), self.weight.transpose(1, 2)).squeeze(1)
+            weight, bias, depth = self.weight, self.bias, x.shape[-2]
+            if depth != weight.shape[0]:
+                weight, bias = weight[:depth], (None if bias is None else bias[:depth])
+            # Batched matmuls where they fit: they cost half of einsum's dispatch, which at drafting sizes
+            # is most of the call. (N, D, d) is what einsum does anyway, down to the output's strides.
+            if x.dim() == 2:  # one position (drafting)
+                logits = torch.bmm(x.unsqueeze(1), weight.transpose(1, 2)).squeeze(1)
+            elif x.dim() == 3:  # one position per row (batched drafting), or training's (n, K, d)
+                logits = torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
             else:
-                logits = torch.einsum("...kd,kvd->...kv", x, self.weight)
-            return logits if self.bias is None else logits + self.bias
+                logits = torch.einsum("...kd,kvd->...kv", x, weight)
+            return logits if bias is None else logits + bias
         if self.norm is not None:
             x = self.norm(x)
         w = lm_head.weight

@@ -147,6 +147,9 @@ def load_drafter(path, target=None, *, device=None, dtype=None) -> HeadDrafter:
     if config.draft_vocab_size:
         check_d2t(drafter.d2t, config.draft_vocab_size, config.vocab_size, CheckpointError, f"{weights}: d2t")
     drafter.built_for = dict(meta.get("built_for") or drafter.built_for)
+    # Measured head accuracies beside the weights let SpeculativeDecoder(tree="auto") fit its trees.
+    accuracy = path / "head_accuracy.json"
+    drafter.accuracy_file = accuracy if accuracy.is_file() else None
     if target is not None:
         drafter.attach(target)  # raises DrafterMismatchError before anything is moved
         device = device or drafter._borrowed().lm_head.weight.device

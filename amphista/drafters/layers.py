@@ -82,12 +82,27 @@ class Attention(nn.Module):
         self.qkv = normal_(nn.Linear(width, 3 * width, bias=False))
         self.o = normal_(nn.Linear(width, width, bias=False))
         self.kv_cache: torch.Tensor | None = None  # (2, 1, H, max_length, hd), see allocate_cache
+        self.row_cache: torch.Tensor | None = None  # (2, capacity, H, length, hd), see allocate_row_cache
 
     def allocate_cache(self, max_length: int, device, dtype) -> None:
         c = self.kv_cache
         if c is None or c.shape[3] < max_length or c.dtype != dtype or c.device != torch.device(device):
             self.kv_cache = torch.empty(
                 2, 1, self.n_heads, max_length, self.head_dim, device=device, dtype=dtype
+            )
+
+    def allocate_row_cache(self, capacity: int, length: int, device, dtype) -> None:
+        """The batched cache, a slot of `length` positions per row. Zeros, not empty: a row's batch-mates
+        may be longer, so its attention spans positions it never wrote, and masking does not clean NaN
+        garbage there (NaN - inf is NaN). Once written, every entry stays finite, so a reused one needs
+        no clearing."""
+        c = self.row_cache
+        if (
+            c is None or c.shape[1] < capacity or c.shape[3] < length or c.dtype != dtype
+            or c.device != torch.device(device)
+        ):
+            self.row_cache = torch.zeros(
+                2, capacity, self.n_heads, length, self.head_dim, device=device, dtype=dtype
             )
 
 
@@ -163,6 +178,29 @@ class DecoderLayer(nn.Module):
             if last and T > 1:
                 q, mask, x, T = q[:, :, -1:], None, x.view(B, T, W)[:, -1], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        x = _residual(x, y.transpose(1, 2).reshape(B * T, W), o_w, consts)
+        gate, up = torch.mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
+        return _residual(x, F.silu(gate) * up, down_w, consts).view(B, T, W)
+
+
+    def forward_rows(self, x, cos, sin, kv, wpos, mask, index, last=None, *, weights):
+        """Drafting several sequences at once: x (B, T, w), each row's positions left-aligned -> (B, T, w).
+        k/v go to kv (2, B, H, L, hd), a view of the rows' slots, at positions wpos (B, T); the queries
+        attend to the first Lk positions under mask (B, 1, T, Lk), an SDPA attn_mask. index is arange(B).
+        last (B,): only position last[b] of row b is wanted, (B, 1, w), with mask (B, 1, 1, Lk) for it (as
+        forward's last). `weights` is a tuple from weights(decode=True)."""
+        qkv_w, o_w, gate_up_w, down_w, norm1, norm2, consts, attn, ffn = weights
+        B, T, W = x.shape
+        x = x.reshape(B * T, W)
+        h = _norm(x, norm1, consts)
+        qkv = torch.mm(h, qkv_w).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
+        kv[:, index[:, None], :, wpos] = qkv[1:].permute(1, 3, 0, 2, 4)  # (B, T, 2, H, hd) into (2, B, H, L, hd)
+        k, v = kv[..., : mask.shape[-1], :]
+        q = qkv[0]
+        if last is not None:
+            q, x, T = q[index, :, last].unsqueeze(2), x.view(B, T, W)[index, last], 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
         x = _residual(x, y.transpose(1, 2).reshape(B * T, W), o_w, consts)
         gate, up = torch.mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
         return _residual(x, F.silu(gate) * up, down_w, consts).view(B, T, W)

@@ -3,6 +3,10 @@
 They are causal, so in decoding they keep their own KV cache, one entry per committed position, written
 by position index into a buffer sized by `reset(max_length)`. Rejected tree nodes never reach it: the
 decoder only ever passes committed positions.
+
+Batched decoding (`reset_rows` / `step_rows`) keeps a second cache with a slot per row, each row at its
+own length. Its rows' new positions arrive left-aligned and padded; the padding's k/v go to one spare
+position past `max_length`, which no query attends to, so they never overwrite a committed entry.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class StagedAdaptation(nn.Module):
         self.length = 0  # committed positions held in the cache
         self._positions = self._cos = self._sin = None
         self.decode_weights: list | None = None  # per layer, gathered by reset() (see DecoderLayer.weights)
+        # Batched decoding, see reset_rows.
+        self.capacity = self.rows_max_length = 0
+        self.row_lengths: torch.Tensor | None = None  # (capacity,) committed positions per slot
+        self._row_positions = self._row_rope = self._row_bias = None
 
     @property
     def num_outputs(self) -> int:
@@ -94,6 +102,106 @@ class StagedAdaptation(nn.Module):
         )
         self.length = end  # a start_pos below length rewrites those positions: a free rollback
         return out[:, -1:]
+
+    def reset_rows(self, capacity: int, max_length: int, device, dtype) -> None:
+        """Batched decoding: forget every row; a slot of max_length positions, plus the spare one for
+        padding, for each of `capacity` rows."""
+        for layer in self.layers:
+            layer.attn.allocate_row_cache(capacity, max_length + 1, device, dtype)
+        self.decode_weights = [layer.weights(decode=True) for layer in self.layers]
+        length = self.layers[0].attn.row_cache.shape[3]  # a reused cache may be longer
+        self._row_positions = torch.arange(max(length, capacity), device=device)
+        cos, sin = rope_tables(self._row_positions[:length], self.inv_freq, dtype)  # (3, 1, 1, L, hd)
+        # (L, 2, 3, hd): one gather by position gives every row's cos and sin for q, k and v.
+        self._row_rope = torch.stack([cos, sin])[:, :, 0, 0].permute(2, 0, 1, 3).contiguous()
+        self._row_bias = torch.tensor([0.0, float("-inf")], device=device, dtype=dtype).unbind()
+        self.capacity, self.rows_max_length = capacity, max_length
+        self.row_lengths = torch.zeros(capacity, dtype=torch.long, device=device)
+
+    def grow_rows(self, max_length: int, device, dtype) -> None:
+        """Room for `max_length` positions per row, keeping every row's committed entries."""
+        if max_length <= self.rows_max_length:
+            return
+        old = [layer.attn.row_cache for layer in self.layers]
+        lengths = self.row_lengths
+        for layer in self.layers:
+            layer.attn.row_cache = None
+        self.reset_rows(self.capacity, max_length, device, dtype)
+        for layer, cache in zip(self.layers, old):
+            keep = cache.shape[3] - 1  # not the old spare position
+            layer.attn.row_cache[:, : self.capacity, :, :keep] = cache[:, : self.capacity, :, :keep]
+        self.row_lengths.copy_(lengths)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for layer in self.layers:
+            cache = layer.attn.row_cache
+            cache[:, dst].copy_(cache[:, src])
+        self.row_lengths[dst] = self.row_lengths[src]
+
+    def step_rows(self, h, e, start, count, rows: slice) -> torch.Tensor:
+        """Batched decoding: append row b's positions start[b] .. start[b]+count[b]-1 (h, e (B, n, d), the
+        real entries left-aligned, the rest padding) to slot rows.start+b; returns each row's last real
+        position's output, (B, d) or (B, S, d) for the split variant."""
+        B, n = h.shape[:2]
+        first, stop, step = rows.indices(self.capacity)
+        if step != 1 or stop - first != B:
+            raise InputError(
+                f"rows={rows} must be a slice of {B} state slots, within the {self.capacity} that "
+                "drafter.reset_rows(capacity, max_length) made"
+            )
+        rows = slice(first, stop)  # the cache may have more slots than capacity: no open-ended slice
+        if n > self.rows_max_length:
+            raise InputError(
+                f"{n} new positions per row but the drafter's SAL cache holds {self.rows_max_length}: call "
+                "drafter.reset_rows(capacity, max_length) with the full sequence length"
+            )
+        lengths = self.row_lengths[rows]
+        end = start + count
+        # One host sync: the checks, and the key range, which bounds every row's attention.
+        gap, fewest, high = torch.stack([(start - lengths).max(), count.min(), end.max()]).tolist()
+        if high > self.rows_max_length:
+            raise InputError(
+                f"the drafter's SAL cache holds {self.rows_max_length} positions per row but position "
+                f"{high - 1} was asked for: call drafter.reset_rows(capacity, max_length) with the full "
+                "sequence length"
+            )
+        if gap > 0 or fewest < 1:
+            raise InputError(
+                f"rows at {lengths.tolist()} committed positions were asked to append {count.tolist()} at "
+                f"{start.tolist()}: pass every committed position exactly once, in order, at least one per row"
+            )
+        offsets, index = self._row_positions[:n], self._row_positions[:B]
+        spare = self.layers[0].attn.row_cache.shape[3] - 1
+        wpos = torch.where(offsets < count[:, None], start[:, None] + offsets, spare)  # (B, n)
+        cos, sin = self._row_rope[wpos].permute(2, 3, 0, 1, 4).unsqueeze(3)  # each (3, B, 1, n, hd)
+        split = self.variant == "split"
+        # Additive masks, made once per step (SDPA would turn a boolean one into this in every layer): causal
+        # by position, and padding, at the spare position, sees anything.
+        keys, (zero, blocked) = self._row_positions[:high], self._row_bias
+        mask = torch.where(keys <= wpos[:, None, :, None], zero, blocked)  # (B, 1, n, high)
+        last = count - 1
+        last_mask = None
+        if not split:  # the last stage's queries: each row's last real position only
+            last_mask = torch.where(keys <= (end - 1)[:, None, None, None], zero, blocked)  # (B, 1, 1, high)
+        kv = [layer.attn.row_cache[:, rows] for layer in self.layers]
+        lengths.copy_(end)  # a start below the length rewrites those positions: a free rollback
+        x = F.linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, n, w)
+        outs = []
+        final = len(self.layers) - 1
+        for s, layer in enumerate(self.layers):
+            if s > 0 and self.variant != "token_once":
+                x = F.linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
+            weights = self.decode_weights[s]
+            if split or s < final:
+                x = layer.forward_rows(x, cos, sin, kv[s], wpos, mask, index, weights=weights)
+            else:  # as step's last=True: attention and the MLP for the last real position only
+                x = layer.forward_rows(x, cos, sin, kv[s], wpos, last_mask, index, last, weights=weights).view(B, -1)
+            if split:
+                outs.append(x)
+        if split:
+            x = torch.stack(outs, dim=-2)[index, last]  # (B, S, w)
+            return x if self.up is None else h[index, last].unsqueeze(-2) + self.up(x)
+        return x if self.up is None else h[index, last] + self.up(x)
 
     def _run(self, h, e, cos, sin, mask, causal, cache_pos, last=False, weights=None):
         """last=True: only the last position's output is wanted, so the last stage computes only that one

@@ -15,23 +15,54 @@ from .base import Drafter
 
 
 class _Stub(Drafter):
+    """Logits from `_logits(last)`, a rule on the position drafted from. Batched drafting applies the same
+    rule to each row's positions: right when every row decodes the same reference."""
+
+    supports_rows = True
+
     def __init__(self, vocab_size: int, hidden_size: int, num_heads: int = 4, seed: int = 0):
         super().__init__()
         self.vocab_size, self.hidden_size, self.num_heads = vocab_size, hidden_size, num_heads
         self.generator = torch.Generator().manual_seed(seed)
         self.calls: list[tuple[int, int]] = []  # (start_pos, n) of each draft call, for tests
+        self.row_calls: list[list[tuple[int, int]]] = []  # per draft_rows call, (start, count) of each row
 
     def reset(self, max_length: int) -> None:
         self.calls.clear()
+
+    def reset_rows(self, capacity: int, max_length: int) -> None:
+        self.row_calls.clear()
+
+    def grow_rows(self, max_length: int) -> None:
+        """Nothing to grow: the rule reads positions only."""
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Nothing to move: the rule reads positions only."""
+
+    def draft(self, hidden, next_tokens, start_pos):
+        n = hidden.shape[1]
+        self.calls.append((start_pos, n))
+        return self._logits(start_pos + n - 1).to(hidden.device)
+
+    def draft_rows(self, hidden, next_tokens, start, count, depth, k, rows=None):
+        spans = list(zip(start.tolist(), count.tolist(), strict=True))
+        self.row_calls.append(spans)
+        if depth == 0:
+            return None
+        logits = torch.stack([self._logits(s + c - 1)[:depth] for s, c in spans])  # (B, depth, V)
+        return torch.topk(logits, k, dim=-1).indices.to(hidden.device)
+
+    def _logits(self, last: int) -> torch.Tensor:
+        """(K, V) logits drafted from position `last`; head k predicts position last + 2 + k."""
+        raise NotImplementedError
 
     def _noise(self) -> torch.Tensor:
         return torch.rand(self.num_heads, self.vocab_size, generator=self.generator)  # (K, V) in [0, 1)
 
 
 class RandomDrafter(_Stub):
-    def draft(self, hidden, next_tokens, start_pos):
-        self.calls.append((start_pos, hidden.shape[1]))
-        return self._noise().to(hidden.device)
+    def _logits(self, last):
+        return self._noise()
 
 
 class OracleDrafter(_Stub):
@@ -48,10 +79,7 @@ class OracleDrafter(_Stub):
     def _wrong(self, head: int) -> bool:
         return float(torch.rand((), generator=self.generator)) < self.error_rate
 
-    def draft(self, hidden, next_tokens, start_pos):
-        n = hidden.shape[1]
-        self.calls.append((start_pos, n))
-        last = start_pos + n - 1  # position of the newest hidden state; head k predicts last + 2 + k
+    def _logits(self, last):
         logits = self._noise()
         for head in range(self.num_heads):
             truth = self._truth(last + 2 + head)
@@ -63,7 +91,7 @@ class OracleDrafter(_Stub):
                 logits[head, truth] = 2.0
             else:
                 logits[head, truth] = 3.0
-        return logits.to(hidden.device)
+        return logits
 
 
 class AdversarialDrafter(OracleDrafter):
