@@ -63,11 +63,12 @@ class RowsCache(Cache):
         self.kv_end = 0
         self.past = 0
 
-    def prepare(self, rows: slice, positions: torch.Tensor, kv_end: int) -> None:
-        """The next forward writes rows `rows` at `positions` (r, q) and attends to positions < kv_end."""
+    def prepare(self, rows: slice, slots: torch.Tensor, kv_end: int) -> None:
+        """The next forward writes rows `rows`, token j of row b into cache slot slots[b, j], and attends to
+        slots < kv_end. (A tree's slots are not its positions: siblings share a position, not a slot.)"""
         self.rows, self.kv_end = rows, kv_end
-        self.index = positions[:, None, :, None]
-        self.past = kv_end - positions.shape[1]
+        self.index = slots[:, None, :, None]
+        self.past = kv_end - slots.shape[1]
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         if self.buf is None:
@@ -100,7 +101,9 @@ class RowsCache(Cache):
         if self.buf is None or all(n[-1] == len(n) - 1 for n in nodes):
             return
         width = max(len(n) for n in nodes)
-        src = torch.tensor([[s + (n[i] if i < len(n) else n[-1]) for i in range(width)] for s, n in zip(starts, nodes)])
+        src = torch.tensor(
+            [[s + (n[i] if i < len(n) else n[-1]) for i in range(width)] for s, n in zip(starts, nodes)]
+        )
         dst = torch.tensor([[s + i for i in range(width)] for s in starts])
         buf = self.buf[:, :, :rows]
         shape = (*buf.shape[:3], buf.shape[3], width, buf.shape[5])
@@ -180,7 +183,9 @@ class BatchEngine:
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         types = getattr(cfg, "layer_types", None)
         self.layer_types = sorted(set(types)) if types else None
-        self.window = window if (self.layer_types is None or "sliding_attention" in self.layer_types) else None
+        self.window = (
+            window if (self.layer_types is None or "sliding_attention" in self.layer_types) else None
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -223,23 +228,36 @@ class BatchEngine:
         self.cache.prepare(slice(slot, slot + 1), positions, t)
         causal = torch.full((t, t), torch.finfo(target.dtype).min, dtype=target.dtype, device=device).triu(1)
         out = target.forward(
-            prompt, position_ids=positions, attention_mask=self._layer_masks(causal[None, None], positions),
-            cache=self.cache, logits_at=slice(-1, None),
+            prompt,
+            position_ids=positions,
+            attention_mask=self._layer_masks(causal[None, None], positions),
+            cache=self.cache,
+            logits_at=slice(-1, None),
         )
         logits = out.logits[0, -1]
-        first = int(logits.argmax()) if request.params.greedy else sample(
-            target_probs(logits, request.params), request.generator
+        first = (
+            int(logits.argmax())
+            if request.params.greedy
+            else sample(target_probs(logits, request.params), request.generator)
         )
         row.length, row.root = t, first
         if self.drafter is not None:
             succ = request.prompt[1:] + [first]
             if t > 1:  # the prompt's positions but the last: the first step's draft starts from that one
                 self.drafter.draft_rows(
-                    out.hidden[:, : t - 1], torch.tensor([succ[:-1]], device=device),
-                    torch.zeros(1, dtype=torch.long, device=device), torch.tensor([t - 1], device=device),
-                    0, 0, rows=slice(slot, slot + 1),
+                    out.hidden[:, : t - 1],
+                    torch.tensor([succ[:-1]], device=device),
+                    torch.zeros(1, dtype=torch.long, device=device),
+                    torch.tensor([t - 1], device=device),
+                    0,
+                    0,
+                    rows=slice(slot, slot + 1),
                 )
-            row.pending_hidden, row.pending_tokens, row.pending_start = [out.hidden[0, t - 1 :]], [first], t - 1
+            row.pending_hidden, row.pending_tokens, row.pending_start = (
+                [out.hidden[0, t - 1 :]],
+                [first],
+                t - 1,
+            )
         sync(device)
         row.step_times.append(time.perf_counter() - ts)
         emitted, row.reason = request.stop(row.generated, [first])
@@ -251,6 +269,7 @@ class BatchEngine:
             self.rows.append(row)
         return row.id
 
+    @torch.inference_mode()
     def cancel(self, row_id: int) -> bool:
         """Drop a row now (its slot is free for the next `add`); False when no live row has that id."""
         for slot, row in enumerate(self.rows):
@@ -349,9 +368,14 @@ class BatchEngine:
         allowed = (rel < 0)[:, None, :] | (in_tree[:, None, :] & ancestors)
         mask = torch.zeros(B, 1, N, kv_end, dtype=target.dtype, device=device)
         mask.masked_fill_(~allowed[:, None], torch.finfo(target.dtype).min)
-        self.cache.prepare(slice(0, B), positions, kv_end)
+        # Node j of row b sits in cache slot start_b + j (commit expects that order); its position is its depth.
+        slots = start[:, None] + torch.arange(N, device=device)[None]
+        self.cache.prepare(slice(0, B), slots, kv_end)
         out = target.forward(
-            tokens, position_ids=positions, attention_mask=self._layer_masks(mask, positions), cache=self.cache
+            tokens,
+            position_ids=positions,
+            attention_mask=self._layer_masks(mask, positions),
+            cache=self.cache,
         )
         logits = out.logits  # (B, N, V)
         accepted, new_tokens = [], []
@@ -396,7 +420,12 @@ class BatchEngine:
     def _output(self, row: _Row) -> GenerateOutput:
         seq = torch.tensor([row.request.prompt + row.generated], dtype=torch.long)
         return GenerateOutput(
-            seq, row.accept_lengths, row.reason, len(row.request.prompt), time.perf_counter() - row.t0, row.step_times
+            seq,
+            row.accept_lengths,
+            row.reason,
+            len(row.request.prompt),
+            time.perf_counter() - row.t0,
+            row.step_times,
         )
 
 
@@ -434,14 +463,21 @@ def run_batch(decoder, prompts, options: dict, max_rows: int | None = None) -> I
     requests = []
     for i, prompt in enumerate(prompts):
         opts = dict(options)
-        if seed is not None and isinstance(seed, int) and not isinstance(seed, bool) and SEED_MIN <= seed <= SEED_MAX:
+        if (
+            seed is not None
+            and isinstance(seed, int)
+            and not isinstance(seed, bool)
+            and SEED_MIN <= seed <= SEED_MAX
+        ):
             opts["seed"] = SEED_MIN + (seed + i - SEED_MIN) % (SEED_MAX - SEED_MIN + 1)
         try:
             requests.append(decoder._request(prompt, opts, "generate_batch"))
         except InputError as e:
             raise InputError(f"prompt {i}: {e}") from None
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-        raise InputError(f"max_batch_size must be a positive integer or None (all prompts at once), got {max_rows!r}")
+        raise InputError(
+            f"max_batch_size must be a positive integer or None (all prompts at once), got {max_rows!r}"
+        )
     rows = len(requests) if max_rows is None else min(max_rows, len(requests))
     # Sized for the longest request up front: no row ever waits for the cache to grow.
     longest = max(len(r.prompt) + r.max_new_tokens for r in requests)

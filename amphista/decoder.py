@@ -20,7 +20,39 @@ from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
 from .target import decode_attention
 from .tree import FixedTree, TreeBuffers, TreeSpec
+from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
+
+
+def auto_policy(decoder: SpeculativeDecoder):
+    """tree="auto": a TreePolicy from the drafter's head accuracies and this machine's measured step costs
+    (calibrated once per model, drafter, device and thread count, then cached; see docs/cost-model.md)."""
+    from .batch import StepTimer
+    from .costs import ROWS, TOKENS, TreePolicy, cost_key, load_or_calibrate
+    from .tree import load_accuracies
+
+    drafter = decoder.drafter
+    accuracies = decoder.accuracies
+    if accuracies is None:
+        path = getattr(drafter, "accuracy_file", None)
+        if path is None:
+            raise TreeError(
+                "tree='auto' needs the drafter's head accuracies: load the drafter from a folder holding "
+                "head_accuracy.json (training writes it; `amphista heads-accuracy` measures it), pass "
+                "accuracies= (per-head top-k lists), or give a fixed tree"
+            )
+        accuracies = load_accuracies(path, greedy=True)
+    elif isinstance(accuracies, (str, bytes)) or hasattr(accuracies, "__fspath__"):
+        accuracies = load_accuracies(accuracies, greedy=True)
+    config = getattr(drafter, "config", None)
+    described = {"type": type(drafter).__name__, "config": getattr(config, "__dict__", None)}
+    key = cost_key(decoder.target.config, decoder.target.dtype, decoder.target.device, described)
+    timer = StepTimer(decoder, max(ROWS), max(TOKENS))
+    top_k = max(len(row) for row in accuracies)
+    cost = load_or_calibrate(
+        key, timer.forward, lambda rows: timer.draft(rows, drafter.num_heads, top_k)
+    )
+    return TreePolicy(cost, accuracies, max_depth=drafter.num_heads)
 
 
 class TreeMask:
@@ -85,8 +117,9 @@ class SpeculativeDecoder(Decoder):
     # on a GPU the parts need a synchronisation each, which would cost the plain loop its overlap.
     profile_steps = False
 
-    def __init__(self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None):
+    def __init__(self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None, accuracies=None):
         super().__init__(target, tokenizer)
+        self.accuracies = accuracies
         self.last_step_parts: list[tuple[float, float, float, float]] = []
         if not isinstance(drafter, Drafter):
             raise InputError(f"drafter must be an amphista Drafter, got {type(drafter).__name__}")
@@ -111,7 +144,15 @@ class SpeculativeDecoder(Decoder):
 
     def set_tree(self, tree) -> None:
         """Verify with another token tree from now on (same forms as the constructor's `tree`)."""
-        spec = TreeSpec.load(tree, self.drafter.num_heads)
+        if isinstance(tree, str) and tree == "auto":
+            self.tree_policy = auto_policy(self)
+            # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding).
+            spec = self.tree_policy.choose(1)
+            self._plain = spec is None
+            spec = spec or TreeSpec.chain(1)
+        else:
+            spec = TreeSpec.load(tree, self.drafter.num_heads)
+            self._plain = False
         if spec.depth > self.drafter.num_heads:
             raise TreeError(
                 f"the tree is {spec.depth} levels deep but the drafter has {self.drafter.num_heads} heads: "
@@ -122,12 +163,15 @@ class SpeculativeDecoder(Decoder):
                 f"the tree asks for rank {spec.max_rank} but the vocabulary has {self.target.vocab_size} tokens"
             )
         self.tree = spec
-        self.tree_policy = FixedTree(spec)
+        if not (isinstance(tree, str) and tree == "auto"):
+            self.tree_policy = FixedTree(spec)
         self.buffers = TreeBuffers(spec, self.target.device)
         self.extra_cache = spec.num_nodes
 
     @torch.inference_mode()
     def _run(self, request: Request) -> Iterator[list[int]]:
+        if self._plain:  # tree="auto" found no tree that pays for one row on this machine
+            return (yield from VanillaDecoder._run(self, request))
         target, drafter, buf, params = self.target, self.drafter, self.buffers, request.params
         device = target.device
         t0 = time.perf_counter()

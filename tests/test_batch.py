@@ -1,0 +1,206 @@
+"""Batched decoding: ragged prompts in one forward, each row equal to its own decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_greedy, tiny_target
+
+import amphista
+from amphista.batch import BatchEngine
+from amphista.drafters import AmphistaDrafter, MedusaDrafter, RandomDrafter
+from amphista.errors import InputError
+
+PROMPTS = [[1, 5, 7], [1, 9, 3, 4, 5, 6, 7, 8, 20, 11, 12], [1], [1, 30, 31, 32, 33]]
+
+
+def _noisy(drafter, seed: int = 0):
+    """Untrained heads equal the target's lm_head; perturbed ones make SAL and AEB matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return drafter
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_sw", "gemma2", "qwen3"])
+def test_vanilla_batch_equals_plain_decoding_per_row(arch):
+    model = tiny_target(arch)
+    outs = amphista.VanillaDecoder(model).generate_batch(PROMPTS, max_new_tokens=30, eos_token_id=[])
+    assert [o.sequences[0].tolist() for o in outs] == [hf_greedy(model, p, 30) for p in PROMPTS]
+    assert all(o.num_prompt_tokens == len(p) and o.finish_reason == "length" for o, p in zip(outs, PROMPTS))
+
+
+def _speculative(model, kind: str, tree):
+    target = amphista.TargetModel.wrap(model)
+    if kind == "random":
+        drafter = RandomDrafter(target.vocab_size, target.hidden_size, num_heads=3)
+    else:
+        cls = AmphistaDrafter if kind == "amphista" else MedusaDrafter
+        drafter = _noisy(cls.for_target(target, num_heads=3, dtype=torch.float32))
+    return amphista.SpeculativeDecoder(target, drafter, tree=tree)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "amphista", "random"])
+@pytest.mark.parametrize("arch", ["llama", "mistral_sw"])
+def test_speculative_batch_equals_plain_decoding_per_row(arch, kind):
+    model = tiny_target(arch, sharpen=8.0)
+    decoder = _speculative(model, kind, [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    outs = decoder.generate_batch(PROMPTS, max_new_tokens=30, eos_token_id=[])
+    assert [o.sequences[0].tolist() for o in outs] == [hf_greedy(model, p, 30) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    target = amphista.load_default_target()
+    drafters = {kind: amphista.load_default_drafter(kind, target) for kind in ("medusa", "amphista")}
+    return target, drafters
+
+
+def _story_prompts(target, n):
+    openings = ["Once upon a time", "Lily and Ben", "The little dog", "One day, a bird", "Tom had a red",
+                "In the park", "A big bear", "Sue liked to"]
+    return [target.tokenizer(openings[i % len(openings)])["input_ids"] for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["medusa", "amphista"])
+def test_bundled_drafters_batch_is_exact_and_accepts_drafts(bundled, kind):
+    target, drafters = bundled
+    prompts = _story_prompts(target, 6)
+    decoder = amphista.SpeculativeDecoder(target, drafters[kind], tree="mc_sim_7b_63")
+    outs = decoder.generate_batch(prompts, max_new_tokens=48)
+    plain = amphista.VanillaDecoder(target)
+    for prompt, out in zip(prompts, outs):
+        ref = plain.generate(prompt, max_new_tokens=48)
+        assert out.new_tokens == ref.new_tokens and out.finish_reason == ref.finish_reason
+    assert sum(o.tau for o in outs) / len(outs) > 1.5  # the trained drafters' drafts are accepted in batches too
+
+
+def test_rows_stop_at_different_steps_and_late_rows_join(bundled):
+    target, drafters = bundled
+    prompts = _story_prompts(target, 5)
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
+    plain = amphista.VanillaDecoder(target)
+    # max_length counts the prompt, so rows of different lengths stop after different numbers of tokens;
+    # two rows at a time, so later prompts join while others run.
+    outs = decoder.generate_batch(prompts, max_length=30, max_batch_size=2)
+    for prompt, out in zip(prompts, outs):
+        assert out.sequences[0].tolist() == plain.generate(prompt, max_length=30).sequences[0].tolist()
+    assert len({o.num_new_tokens for o in outs}) > 1
+
+
+def test_stream_batch_yields_each_rows_tokens_in_order(bundled):
+    target, drafters = bundled
+    prompts = _story_prompts(target, 3)
+    decoder = amphista.SpeculativeDecoder(target, drafters["medusa"], tree="mc_sim_7b_63")
+    seen: dict[int, list[int]] = {i: [] for i in range(3)}
+    stream = decoder.stream_batch(prompts, max_new_tokens=20)
+    for step in stream:
+        for i, tokens in step.items():
+            seen[i].extend(tokens)
+    assert [seen[i] for i in range(3)] == [o.new_tokens for o in decoder.last_outputs]
+    assert [o.new_tokens for o in decoder.generate_batch(prompts, max_new_tokens=20)] == [seen[i] for i in range(3)]
+
+
+def test_cancelled_row_leaves_and_the_others_are_unaffected(bundled):
+    target, drafters = bundled
+    prompts = _story_prompts(target, 3)
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
+    engine = BatchEngine(decoder, max_rows=3)
+    ids = [engine.add(p, max_new_tokens=40) for p in prompts]
+    engine.step()
+    engine.step()
+    assert engine.cancel(ids[0]) and len(engine) == 2 and not engine.cancel(ids[0])
+    outputs = {}
+    while engine:
+        for event in engine.step():
+            if event.output is not None:
+                outputs[event.id] = event.output
+    plain = amphista.VanillaDecoder(target)
+    for rid, prompt in zip(ids[1:], prompts[1:]):
+        assert outputs[rid].new_tokens == plain.generate(prompt, max_new_tokens=40).new_tokens
+    assert ids[0] not in outputs
+
+
+def test_engine_grows_its_cache_for_a_longer_request(bundled):
+    target, drafters = bundled
+    prompts = _story_prompts(target, 2)
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
+    engine = BatchEngine(decoder, max_rows=2)
+    short = engine.add(prompts[0], max_new_tokens=8)
+    engine.step()
+    size = engine.cache.max_len
+    long = engine.add(prompts[1], max_new_tokens=100)
+    assert engine.cache.max_len > size
+    outputs = {}
+    while engine:
+        for event in engine.step():
+            if event.output is not None:
+                outputs[event.id] = event.output
+    plain = amphista.VanillaDecoder(target)
+    assert outputs[short].new_tokens == plain.generate(prompts[0], max_new_tokens=8).new_tokens
+    assert outputs[long].new_tokens == plain.generate(prompts[1], max_new_tokens=100).new_tokens
+
+
+def test_cache_rows_equal_recomputation(bundled):
+    """After speculative steps with rejected branches, each row's committed keys and values are exactly
+    what one forward over its committed tokens computes."""
+    target, drafters = bundled
+    prompts = _story_prompts(target, 3)
+    decoder = amphista.SpeculativeDecoder(target, drafters["medusa"], tree="mc_sim_7b_63")
+    engine = BatchEngine(decoder, max_rows=3)
+    for p in prompts:
+        engine.add(p, max_new_tokens=60)
+    for _ in range(4):
+        engine.step()
+    from transformers import DynamicCache
+
+    from amphista.target import cache_keyword
+
+    for slot, row in enumerate(engine.rows):
+        tokens = (row.request.prompt + row.generated)[: row.length]
+        cache = DynamicCache()
+        with torch.inference_mode():
+            target.model(torch.tensor([tokens]), use_cache=True, **{cache_keyword(target.model): cache})
+        for layer in range(target.num_layers):
+            keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]
+            torch.testing.assert_close(engine.cache.buf[layer, 0, slot, :, : row.length], keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(engine.cache.buf[layer, 1, slot, :, : row.length], values, rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_batches_are_reproducible_and_rows_differ(bundled):
+    target, drafters = bundled
+    prompt = _story_prompts(target, 1)[0]
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
+    a = decoder.generate_batch([prompt] * 4, max_new_tokens=24, temperature=1.0, seed=7)
+    b = decoder.generate_batch([prompt] * 4, max_new_tokens=24, temperature=1.0, seed=7)
+    assert [o.new_tokens for o in a] == [o.new_tokens for o in b]
+    assert len({tuple(o.new_tokens) for o in a}) > 1  # row i is seeded with 7 + i
+
+
+def test_batch_errors_name_the_prompt_and_the_fix(bundled):
+    target, drafters = bundled
+    decoder = amphista.VanillaDecoder(target)
+    with pytest.raises(InputError, match="prompt 1: the prompt is empty"):
+        decoder.generate_batch([[1, 2], []])
+    with pytest.raises(InputError, match="at least one prompt"):
+        decoder.generate_batch([])
+    with pytest.raises(InputError, match="max_batch_size"):
+        decoder.generate_batch([[1, 2]], max_batch_size=0)
+    with pytest.raises(InputError, match="unsupported keyword"):
+        decoder.generate_batch([[1, 2]], num_beams=2)
+    engine = BatchEngine(decoder, max_rows=1)
+    engine.add([1, 2], max_new_tokens=4)
+    with pytest.raises(InputError, match="batch is full"):
+        engine.add([1, 3], max_new_tokens=4)
+
+
+def test_a_drafter_without_row_support_is_refused_clearly(bundled):
+    target, _ = bundled
+
+    class Single(RandomDrafter):
+        supports_rows = False
+
+    decoder = amphista.SpeculativeDecoder(target, Single(target.vocab_size, target.hidden_size), tree="chain")
+    with pytest.raises(InputError, match="does not support batched decoding"):
+        decoder.generate_batch([[1, 2]])
