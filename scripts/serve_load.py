@@ -3,10 +3,14 @@
     python scripts/serve_load.py                      # bundled model: vanilla vs the bundled Amphista drafter
     python scripts/serve_load.py --drafter none --drafter out/amphista --max-tokens 128 --out load.json
     python scripts/serve_load.py --url http://127.0.0.1:8000 --model stories260K   # an already running server
+    python scripts/serve_load.py --concurrent-vs-sequential 8   # continuous batching: 8 at once vs one by one
 
 Each setting starts its own `amphista serve` subprocess (so client and server do not share a GIL), sends one
 warm-up request, then for each concurrency level keeps C clients busy (asyncio + httpx) until --requests
-requests have finished. Greedy decoding (temperature 0) on the prompts in amphista/assets/prompts. When the
+requests have finished. `--concurrent-vs-sequential N` instead sends N requests one after another, then the
+same N at once, and reports both wall times, their ratio and whether the answers are identical (greedy
+answers must be: each row of a batch decodes exactly as it would alone). Greedy decoding (temperature 0) on
+the prompts in amphista/assets/prompts. When the
 bundled drafter is not installed, "amphista" means a freshly initialised (untrained) drafter: lossless but
 with tau near 1, so it measures the overhead of drafting, not its speed-up.
 """
@@ -58,7 +62,9 @@ def resolve_drafter(spec: str, target: str | None, tmp: str) -> tuple[str, str]:
     return ("vanilla" if spec == "none" else Path(spec).name), spec
 
 
-def start_server(target: str | None, drafter: str, tree: str | None, port: int, threads: int | None):
+def start_server(
+    target: str | None, drafter: str, tree: str | None, port: int, threads: int | None, max_batch_size: int
+):
     cmd = [
         sys.executable,
         "-m",
@@ -72,6 +78,8 @@ def start_server(target: str | None, drafter: str, tree: str | None, port: int, 
         "warning",
         "--max-queue",
         "1024",
+        "--max-batch-size",
+        str(max_batch_size),
     ]
     cmd += ["--threads", str(threads)] if threads else []
     cmd += ["--target", target] if target else []
@@ -137,6 +145,35 @@ async def run_level(
     }
 
 
+async def concurrent_vs_sequential(url: str, model: str, n: int, max_tokens: int, texts: list[str]) -> dict:
+    """The same n greedy requests one after another, then all at once: wall times and whether they agree."""
+    bodies = [
+        {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0}
+        for i in range(n)
+    ]
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def one(body: dict) -> str:
+            r = await http.post("/v1/completions", json=body)
+            r.raise_for_status()
+            return r.json()["choices"][0]["text"]
+
+        t0 = time.perf_counter()
+        alone = [await one(body) for body in bodies]
+        sequential = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        together = await asyncio.gather(*(one(body) for body in bodies))
+        concurrent = time.perf_counter() - t0
+    return {
+        "requests": n,
+        "sequential_s": round(sequential, 3),
+        "concurrent_s": round(concurrent, 3),
+        "speedup": round(sequential / concurrent, 2),
+        "identical": alone == list(together),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="model folder (default: the bundled stories260K)")
@@ -150,6 +187,18 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="the server's --max-batch-size (1: one request at a time)",
+    )
+    p.add_argument(
+        "--concurrent-vs-sequential",
+        type=int,
+        metavar="N",
+        help="instead of the concurrency levels: N requests one after another, then the same N at once",
+    )
     p.add_argument("--url", help="measure this running server instead of starting one per drafter")
     p.add_argument("--model", default="stories260K", help="model id to send with --url")
     p.add_argument("--out", help="write the results as JSON here")
@@ -168,13 +217,20 @@ def main() -> int:
             if not args.url:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                proc = start_server(args.target, drafter, args.tree, port, args.threads)
+                proc = start_server(args.target, drafter, args.tree, port, args.threads, args.max_batch_size)
             try:
                 wait_healthy(url, proc)
                 model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
                 asyncio.run(run_level(url, model, 1, 2, args.max_tokens, texts))  # warm-up
-                for c in args.concurrency:
-                    row = asyncio.run(run_level(url, model, c, max(args.requests, c), args.max_tokens, texts))
+                if args.concurrent_vs_sequential:
+                    n = args.concurrent_vs_sequential
+                    rows = [asyncio.run(concurrent_vs_sequential(url, model, n, args.max_tokens, texts))]
+                else:
+                    rows = (
+                        asyncio.run(run_level(url, model, c, max(args.requests, c), args.max_tokens, texts))
+                        for c in args.concurrency
+                    )
+                for row in rows:
                     results.append({"setting": label, **row})
                     print(json.dumps(results[-1]), flush=True)
             finally:
@@ -182,19 +238,23 @@ def main() -> int:
                     proc.terminate()
                     proc.wait(30)
 
-    print("\n| setting | clients | requests/s | tokens/s | mean tau | p50 latency (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    if args.concurrent_vs_sequential:
+        print("\n| setting | requests | one by one (s) | at once (s) | speed-up | identical |")
+        print("|---|---:|---:|---:|---:|---|")
+        keys = ("setting", "requests", "sequential_s", "concurrent_s", "speedup", "identical")
+    else:
+        print("\n| setting | clients | requests/s | tokens/s | mean tau | p50 latency (s) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        keys = ("setting", "clients", "requests_per_s", "tokens_per_s", "mean_tau", "p50_latency_s")
     for r in results:
-        cells = [
-            r[k]
-            for k in ("setting", "clients", "requests_per_s", "tokens_per_s", "mean_tau", "p50_latency_s")
-        ]
+        cells = [r[k] for k in keys]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if args.out:
         meta = {
             "max_tokens": args.max_tokens,
             "target": args.target or "bundled stories260K",
             "tree": args.tree,
+            "max_batch_size": None if args.url else args.max_batch_size,
             "cpu_count": os.cpu_count(),
         }
         Path(args.out).write_text(json.dumps({"config": meta, "results": results}, indent=2))

@@ -367,7 +367,8 @@ class SlowDecoder(amphista.VanillaDecoder):
 
 
 def test_disconnected_clients_free_their_slot(target):
-    with Server(create_app(SlowDecoder(target), api_key=KEY)) as url:
+    # One request at a time (decoder.stream): SlowDecoder slows that path; batching has its own test.
+    with Server(create_app(SlowDecoder(target), api_key=KEY, max_batch_size=1)) as url:
         _hang_up_twice(url)
 
 
@@ -411,7 +412,7 @@ class GatedDecoder(amphista.VanillaDecoder):
 
 def test_errors_stay_with_their_request_and_a_full_queue_says_503(target, refs):
     decoder = GatedDecoder(target)
-    app = create_app(decoder, max_queue=2)
+    app = create_app(decoder, max_queue=2, max_batch_size=1)  # the one-at-a-time path: GatedDecoder gates it
     body = {"model": "stories260K", "max_tokens": 6, "temperature": 0}
     with Server(app) as url, ThreadPoolExecutor(4) as pool:
         post = lambda b: httpx.post(url + "/v1/completions", json={**body, **b}, timeout=60)  # noqa: E731
@@ -445,6 +446,10 @@ def test_retry_after_is_about_one_recent_generation():
     assert retry_after(metrics) == 3  # 2.5 s, rounded up
     metrics.finish("length", 10, 10_000.0)
     assert retry_after(metrics) == MAX_RETRY_AFTER
+    batched = Metrics(1, max_batch_size=8)  # a full queue means a full batch: a row ends 8 times as often
+    for seconds in (20.0, 30.0):
+        batched.finish("length", 10, seconds)
+    assert retry_after(batched) == 4  # 25 s / 8, rounded up
 
 
 class Records(logging.Handler):

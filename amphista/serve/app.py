@@ -2,7 +2,7 @@
 
 Handlers read the body on the event loop, then parse, tokenize and check it in a thread (a 1 MiB prompt
 takes a tokenizer long enough to stall every other client, /health included), and enqueue; the `Worker`
-thread decodes. See docs/serving.md.
+thread decodes, up to `max_batch_size` requests together. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -55,9 +55,14 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     max_tokens_limit: int | None = None,
     max_queue: int = 256,
+    max_batch_size: int = 8,
 ) -> FastAPI:
     """An app serving one model. `decoder_or_target`: a VanillaDecoder/SpeculativeDecoder, or a target
-    (TargetModel, model directory, transformers model) decoded with `drafter` (None: vanilla decoding)."""
+    (TargetModel, model directory, transformers model) decoded with `drafter` (None: vanilla decoding).
+    `max_batch_size`: most requests decoded together (continuous batching); 1 decodes one at a time, as
+    does a drafter without batched decoding (a warning is logged)."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise InputError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
     decoder = build_decoder(decoder_or_target, drafter, tree)
     tokenizer = decoder.tokenizer
     if tokenizer is None:
@@ -66,8 +71,8 @@ def create_app(
     context = decoder.target.max_context
     token_limit = max_tokens_limit or context or 4096
     heads = getattr(getattr(decoder, "drafter", None), "num_heads", 0)
-    worker = Worker(decoder, None, max_queue)
-    metrics = Metrics(heads + 1, lambda: worker.depth)
+    worker = Worker(decoder, None, max_queue, max_batch_size)
+    metrics = Metrics(heads + 1, lambda: worker.depth, lambda: worker.rows, worker.max_batch_size)
     worker.metrics = metrics
 
     @contextlib.asynccontextmanager
@@ -281,9 +286,11 @@ def create_app(
 
 
 def retry_after(metrics: Metrics) -> int:
-    """Seconds a client turned away by a full queue should wait: a place frees when the running generation
-    ends, which takes about as long as a recent generation did (1 to MAX_RETRY_AFTER)."""
-    return min(MAX_RETRY_AFTER, max(1, math.ceil(metrics.mean_generation_seconds())))
+    """Seconds a client turned away by a full queue should wait: a place frees when a running generation
+    ends. A full queue means a full batch, whose rows end one every (recent generation time / batch size)
+    seconds on average (1 to MAX_RETRY_AFTER)."""
+    estimate = metrics.mean_generation_seconds() / metrics.max_batch_size
+    return min(MAX_RETRY_AFTER, max(1, math.ceil(estimate)))
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -133,6 +133,12 @@ def add_parser(subparsers) -> None:
     s.add_argument(
         "--max-queue", type=positive_int, default=256, help="requests waiting beyond this get HTTP 503"
     )
+    s.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        default=8,
+        help="most requests decoded together (continuous batching); 1 decodes one request at a time",
+    )
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="uvicorn's log level")
     s.set_defaults(func=run_serve)
 
@@ -192,10 +198,11 @@ def run_serve(args) -> int:
         max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit,
         max_queue=args.max_queue,
+        max_batch_size=args.max_batch_size,
     )
     print(
-        f"amphista serve: model {app.state.model_name!r} with "
-        f"{type(decoder).__name__} on http://{args.host}:{args.port}/v1",
+        f"amphista serve: model {app.state.model_name!r} with {type(decoder).__name__}, up to "
+        f"{app.state.worker.max_batch_size} requests at once, on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

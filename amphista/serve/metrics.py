@@ -1,7 +1,9 @@
 """Server metrics in the Prometheus text format, kept next to the loop that produces them.
 
-Counters only grow, so `rate(amphista_generated_tokens_total[1m])` gives throughput; the tokens/s gauge is
-the decode speed of the most recent requests (generated tokens / generation wall time).
+Counters only grow, so `rate(amphista_generated_tokens_total[1m])` gives throughput. Two gauges give it
+without a query: tokens/s is the decode speed one request sees (its tokens / its wall time, over the latest
+requests), batch tokens/s what the decoder delivers for all rows together while it has work (over the
+latest decode steps); with batching the second exceeds the first.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
 
 
 class Metrics:
-    def __init__(self, max_accept: int, queue_depth=lambda: 0):
+    def __init__(
+        self, max_accept: int, queue_depth=lambda: 0, rows_in_flight=lambda: 0, max_batch_size: int = 1
+    ):
         self.lock = threading.Lock()
         self.max_accept = max(int(max_accept), 1)  # K + 1 for K drafter heads, 1 for vanilla decoding
-        self.queue_depth = queue_depth
+        self.queue_depth, self.rows_in_flight = queue_depth, rows_in_flight  # callables: read when rendered
+        self.max_batch_size = max_batch_size
         self.requests: Counter = Counter()  # (endpoint, HTTP status) -> count
         self.finished: Counter = Counter()  # finish reason ("stop", "length", "cancelled", "error") -> count
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.accept = [0] * (self.max_accept + 1)  # accept[m]: target forwards that committed m tokens
         self.recent: deque = deque(maxlen=64)  # (tokens, seconds) of the latest generations
+        self.steps: deque = deque(maxlen=64)  # (tokens of all rows, wall seconds) of the latest decode steps
         self.active = 0
 
     def request(self, path: str, status: int) -> None:
@@ -35,6 +41,12 @@ class Metrics:
         with self.lock:
             self.generated_tokens += accepted
             self.accept[min(accepted, self.max_accept)] += 1
+
+    def busy(self, tokens: int, seconds: float) -> None:
+        """One pass of the decode loop: tokens committed by all rows, wall seconds since the previous pass
+        (or since the worker woke up: idle time does not count)."""
+        with self.lock:
+            self.steps.append((tokens, seconds))
 
     def started(self, prompt_tokens: int) -> None:
         with self.lock:
@@ -52,6 +64,10 @@ class Metrics:
         tokens = sum(n for n, _ in self.recent)
         seconds = sum(s for _, s in self.recent)
         return tokens / seconds if seconds else 0.0
+
+    def batch_tokens_per_second(self) -> float:
+        seconds = sum(s for _, s in self.steps)
+        return sum(n for n, _ in self.steps) / seconds if seconds else 0.0
 
     def mean_generation_seconds(self) -> float:
         """Wall time of the latest 64 generations, on average (0.0 before the first)."""
@@ -81,13 +97,33 @@ class Metrics:
             lines += _scalar(
                 "tokens_per_second",
                 "gauge",
-                "Decode speed of the latest 64 generations (tokens / wall second).",
+                "Decode speed per request over the latest 64 generations (their tokens / their wall seconds).",
                 round(self.tokens_per_second(), 3),
             )
-            lines += _scalar("queue_depth", "gauge", "Requests waiting for the decoder.", self.queue_depth())
-            lines += _scalar("active_generations", "gauge", "Generations running now (0 or 1).", self.active)
+            lines += _scalar(
+                "batch_tokens_per_second",
+                "gauge",
+                "Tokens committed by all rows together per wall second of the latest 64 decode steps (idle "
+                "time excluded).",
+                round(self.batch_tokens_per_second(), 3),
+            )
+            lines += _scalar(
+                "queue_depth", "gauge", "Requests waiting for a row (not yet admitted).", self.queue_depth()
+            )
+            lines += _scalar(
+                "active_generations", "gauge", "Generations started and not yet finished.", self.active
+            )
+            lines += _scalar(
+                "rows_in_flight", "gauge", "Sequences in the decode batch now.", self.rows_in_flight()
+            )
+            lines += _scalar(
+                "max_batch_size",
+                "gauge",
+                "Most sequences decoded together (--max-batch-size).",
+                self.max_batch_size,
+            )
             lines += [
-                "# HELP amphista_accept_length Tokens committed per target forward (tau), bonus included.",
+                "# HELP amphista_accept_length Tokens a row committed per target forward (tau), bonus included.",
                 "# TYPE amphista_accept_length histogram",
             ]
             cumulative = self.accept[0]
