@@ -26,7 +26,7 @@ from .errors import InputError
 from .generation import GenerateOutput, Request, sync
 from .sampling import sample, target_probs
 from .tree import TreeBuffers, TreeSpec
-from .verify import verify_greedy, verify_sampling, verify_typical
+from .verify import greedy_path, verify_sampling, verify_typical
 
 
 class _RowsLayer(DynamicLayer):
@@ -179,6 +179,7 @@ class BatchEngine:
         self._buffers: dict = {}  # TreeSpec (None: plain) -> its buffers
         self._early: list[RowEvent] = []  # rows that finished at prefill
         self.last_tree: TreeSpec | None = None  # the tree of the latest step (None: plain)
+        self.forced_tree = _UNFORCED  # StepTimer's: the tree every step uses, whatever the policy says
         cfg = self.target.text_config
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         types = getattr(cfg, "layer_types", None)
@@ -206,13 +207,25 @@ class BatchEngine:
         request = self.decoder._request(input_ids, kwargs, "add")
         return self.add_request(request)
 
-    @torch.inference_mode()
     def add_request(self, request: Request) -> int:
-        if len(self.rows) >= self.max_rows:
+        return self.add_requests([request])[0]
+
+    # Prompts prefilled together in one forward hold a (rows, T, T) mask: past this many entries they go in
+    # smaller groups, so that a batch of long prompts does not allocate gigabytes for its mask.
+    PREFILL_MASK_ENTRIES = 1 << 24
+
+    @torch.inference_mode()
+    def add_requests(self, requests: list[Request]) -> list[int]:
+        """Prefill several checked requests in one target forward (right-padded; each row's padding lands
+        past its own length, where the next step overwrites it); return their row ids, in order."""
+        if len(self.rows) + len(requests) > self.max_rows:
             raise InputError(f"the batch is full ({self.max_rows} rows): wait for a row to finish")
+        longest = max(len(r.prompt) for r in requests)
+        if len(requests) > 1 and len(requests) * longest * longest > self.PREFILL_MASK_ENTRIES:
+            half = len(requests) // 2
+            return self.add_requests(requests[:half]) + self.add_requests(requests[half:])
         target, device = self.target, self.target.device
-        row = _Row(next(self._ids), request, time.perf_counter())
-        need = len(request.prompt) + request.max_new_tokens + tree_slots(self.decoder)
+        need = max(len(r.prompt) + r.max_new_tokens for r in requests) + tree_slots(self.decoder)
         if self.cache is None:
             size = max(need, self.max_len or 0)
             self.cache = RowsCache(target.num_layers, self.max_rows, size)
@@ -220,54 +233,80 @@ class BatchEngine:
                 self.drafter.reset_rows(self.max_rows, size)
         elif need > self.cache.max_len:
             self._grow(max(need, 2 * self.cache.max_len))
-        slot = len(self.rows)
+        first_slot, n, t = len(self.rows), len(requests), longest
         ts = time.perf_counter()
-        prompt = torch.tensor([request.prompt], device=device)
-        t = prompt.shape[1]
-        positions = torch.arange(t, device=device)[None]
-        self.cache.prepare(slice(slot, slot + 1), positions, t)
+        lengths = [len(r.prompt) for r in requests]
+        ids = torch.tensor([r.prompt + [0] * (t - len(r.prompt)) for r in requests], device=device)
+        positions = torch.arange(t, device=device).expand(n, t)
+        self.cache.prepare(slice(first_slot, first_slot + n), positions, t)
         causal = torch.full((t, t), torch.finfo(target.dtype).min, dtype=target.dtype, device=device).triu(1)
         out = target.forward(
-            prompt,
+            ids,
             position_ids=positions,
-            attention_mask=self._layer_masks(causal[None, None], positions),
+            attention_mask=self._layer_masks(causal.expand(n, 1, t, t), positions),
             cache=self.cache,
-            logits_at=slice(-1, None),
+            logits_at=slice(0, 0),
         )
-        logits = out.logits[0, -1]
-        first = (
-            int(logits.argmax())
-            if request.params.greedy
-            else sample(target_probs(logits, request.params), request.generator)
-        )
-        row.length, row.root = t, first
-        if self.drafter is not None:
-            succ = request.prompt[1:] + [first]
-            if t > 1:  # the prompt's positions but the last: the first step's draft starts from that one
-                self.drafter.draft_rows(
-                    out.hidden[:, : t - 1],
-                    torch.tensor([succ[:-1]], device=device),
-                    torch.zeros(1, dtype=torch.long, device=device),
-                    torch.tensor([t - 1], device=device),
-                    0,
-                    0,
-                    rows=slice(slot, slot + 1),
-                )
-            row.pending_hidden, row.pending_tokens, row.pending_start = (
-                [out.hidden[0, t - 1 :]],
-                [first],
-                t - 1,
+        last = torch.tensor(lengths, device=device) - 1
+        logits = target.logits(out.hidden[torch.arange(n, device=device), last])  # (n, V)
+        greedy = logits.argmax(-1).tolist()
+        rows = []
+        for b, request in enumerate(requests):
+            first = (
+                greedy[b]
+                if request.params.greedy
+                else sample(target_probs(logits[b], request.params), request.generator)
             )
+            row = _Row(next(self._ids), request, ts, length=lengths[b], root=first)
+            if self.drafter is not None:
+                # The first step drafts from the prompt's last position; the ones before it go in now.
+                row.pending_hidden, row.pending_tokens = [out.hidden[b, lengths[b] - 1 : lengths[b]]], [first]
+                row.pending_start = lengths[b] - 1
+            rows.append(row)
+        if self.drafter is not None:
+            self._absorb_prompts(out.hidden, requests, first_slot)
         sync(device)
-        row.step_times.append(time.perf_counter() - ts)
-        emitted, row.reason = request.stop(row.generated, [first])
-        row.accept_lengths.append(len(emitted))
-        row.unreported.extend(emitted)
-        if row.reason is not None:
-            self._early.append(RowEvent(row.id, row.unreported, self._output(row)))
-        else:
-            self.rows.append(row)
-        return row.id
+        seconds = time.perf_counter() - ts
+        self.rows.extend(rows)
+        for slot in reversed(range(first_slot, first_slot + n)):
+            row = self.rows[slot]
+            row.step_times.append(seconds)
+            emitted, row.reason = row.request.stop(row.generated, [row.root])
+            row.accept_lengths.append(len(emitted))
+            row.unreported.extend(emitted)
+            if row.reason is not None:  # done at its first token: it leaves before any step
+                self._early.append(RowEvent(row.id, row.unreported, self._output(row)))
+                self._remove(slot)
+        return [row.id for row in rows]
+
+    def _absorb_prompts(self, hidden: torch.Tensor, requests: list[Request], first_slot: int) -> None:
+        """Give the drafter every prompt position but the last, each with the token after it; rows are
+        taken in runs of consecutive slots, as one-token prompts have nothing to give."""
+        device = hidden.device
+        counts = [len(r.prompt) - 1 for r in requests]
+        b = 0
+        while b < len(requests):
+            if counts[b] == 0:
+                b += 1
+                continue
+            end = b
+            while end < len(requests) and counts[end] > 0:
+                end += 1
+            width = max(counts[b:end])
+            tokens = torch.tensor(
+                [r.prompt[1 : 1 + width] + [0] * (width - c) for r, c in zip(requests[b:end], counts[b:end])],
+                device=device,
+            )
+            self.drafter.draft_rows(
+                hidden[b:end, :width],
+                tokens,
+                torch.zeros(end - b, dtype=torch.long, device=device),
+                torch.tensor(counts[b:end], device=device),
+                0,
+                0,
+                rows=slice(first_slot + b, first_slot + end),
+            )
+            b = end
 
     @torch.inference_mode()
     def cancel(self, row_id: int) -> bool:
@@ -348,7 +387,10 @@ class BatchEngine:
         rows = self.rows
         B = len(rows)
         policy = getattr(self.decoder, "tree_policy", None)
-        tree = policy.choose(B) if (policy is not None and self.drafter is not None) else None
+        if self.forced_tree is not _UNFORCED:
+            tree, policy = self.forced_tree, None
+        else:
+            tree = policy.choose(B) if (policy is not None and self.drafter is not None) else None
         self.last_tree = tree
         buf = self._buffers_for(tree)
         N = buf.num_nodes
@@ -378,26 +420,35 @@ class BatchEngine:
             cache=self.cache,
         )
         logits = out.logits  # (B, N, V)
+        # Greedy rows need only argmaxes: two host transfers for the whole batch, then a walk per row.
+        argmax = logits.argmax(-1).tolist() if any(r.request.params.greedy for r in rows) else None
+        tok = tokens.tolist()
         accepted, new_tokens = [], []
         for b, r in enumerate(rows):
             req = r.request
             if req.params.greedy:
-                nodes, idx, bonus = verify_greedy(tokens[b], logits[b], buf)
+                nodes = greedy_path(tok[b], argmax[b], buf.children)
+                bonus = argmax[b][nodes[-1]]
             elif req.acceptance == "typical":
-                nodes, idx, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.generator)
+                nodes, _, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.generator)
             else:
-                nodes, idx, bonus = verify_sampling(tokens[b], logits[b], buf, req.params, req.generator)
+                nodes, _, bonus = verify_sampling(tokens[b], logits[b], buf, req.params, req.generator)
             accepted.append(nodes)
-            new_tokens.append((idx, tokens[b, idx[1:]].tolist() + [bonus]))
+            new_tokens.append([tok[b][i] for i in nodes[1:]] + [bonus])
         self.cache.commit(B, starts, accepted)
+        if self.drafter is not None:
+            # Every row's accepted hidden states in one gather; row b's are its first len(nodes[b]).
+            width = max(map(len, accepted))
+            index = torch.tensor([n + [n[-1]] * (width - len(n)) for n in accepted], device=device)
+            kept = out.hidden.gather(1, index[..., None].expand(-1, -1, out.hidden.shape[-1]))
         sync(device)
         seconds = time.perf_counter() - ts
         finished = []
-        for b, (r, nodes, (idx, new)) in enumerate(zip(rows, accepted, new_tokens)):
+        for b, (r, nodes, new) in enumerate(zip(rows, accepted, new_tokens)):
             if self.drafter is not None:
                 if not r.pending_tokens:
                     r.pending_start = r.length
-                r.pending_hidden.append(out.hidden[b, idx])
+                r.pending_hidden.append(kept[b, : len(nodes)])
                 r.pending_tokens.extend(new)
             r.length += len(nodes)
             r.root = new[-1]
@@ -414,7 +465,7 @@ class BatchEngine:
         for b in reversed(finished):
             self._remove(b)
         if policy is not None and hasattr(policy, "observe"):
-            policy.observe(B, N, seconds)
+            policy.observe(B, N, seconds, sum(map(len, accepted)) / B)
         return events
 
     def _output(self, row: _Row) -> GenerateOutput:
@@ -486,9 +537,11 @@ def run_batch(decoder, prompts, options: dict, max_rows: int | None = None) -> I
     outputs: list[GenerateOutput | None] = [None] * len(requests)
     waiting = list(range(len(requests)))
     while waiting or engine:
-        while waiting and len(engine) < engine.max_rows:
-            i = waiting.pop(0)
-            index_of[engine.add_request(requests[i])] = i
+        joining = waiting[: engine.max_rows - len(engine)]
+        if joining:
+            del waiting[: len(joining)]
+            for i, rid in zip(joining, engine.add_requests([requests[i] for i in joining])):
+                index_of[rid] = i
         step: dict[int, list[int]] = {}
         for event in engine.step():
             i = index_of[event.id]
@@ -502,48 +555,47 @@ def run_batch(decoder, prompts, options: dict, max_rows: int | None = None) -> I
 
 
 class StepTimer:
-    """Times the pieces of a batched step on this machine, for the cost model behind tree="auto": one target
-    forward of `rows` x `tokens` (a causal block after `context` committed positions per row) and one
-    draft call for `rows` rows. The cache holds zeros: the arithmetic, not the values, sets the time."""
+    """Times whole batched steps on this machine, for the cost model behind tree="auto": `rows` live rows
+    verifying a given tree (None: plain decoding) -- draft, target forward, verification, commit and
+    bookkeeping, everything a real step pays. The rows hold random prompts of `context` tokens; a step's
+    cost barely depends on what the tokens are."""
 
-    def __init__(self, decoder, max_rows: int, max_tokens: int, context: int = 128):
-        self.target, self.drafter = decoder.target, getattr(decoder, "drafter", None)
-        self.context = context
-        self.cache = RowsCache(self.target.num_layers, max_rows, context + max_tokens)
-        if self.drafter is not None:
-            self.drafter.reset_rows(max_rows, context + max_tokens)
-        self._hidden: torch.Tensor | None = None
+    def __init__(self, decoder, max_rows: int, context: int = 64, seed: int = 0):
+        self.decoder, self.max_rows, self.context = decoder, max_rows, context
+        self.generator = torch.Generator().manual_seed(seed)
+        self.engine: BatchEngine | None = None
+
+    def _fill(self) -> None:
+        target = self.decoder.target
+        room = (target.max_context or 4096) - self.context
+        self.engine = BatchEngine(self.decoder, self.max_rows)
+        prompts = torch.randint(target.vocab_size, (self.max_rows, self.context), generator=self.generator)
+        requests = [
+            self.decoder._request(p, {"max_new_tokens": min(room, 1024), "eos_token_id": []}, "calibrate")
+            for p in prompts
+        ]
+        self.engine.add_requests(requests)
+        self.rows = list(self.engine.rows)
+        # Rows are refilled once they are `context` + 192 long: measured at a cache length a short chat
+        # turn sees, not at whatever length a long calibration would drift to.
+        self.limit = min(self.context + 192, self.context + min(room, 1024) - 2 * tree_slots(self.decoder))
 
     @torch.inference_mode()
-    def forward(self, rows: int, tokens: int) -> float:
-        target, device = self.target, self.target.device
-        positions = (self.context + torch.arange(tokens, device=device)).expand(rows, tokens)
-        mask = torch.zeros(rows, 1, tokens, self.context + tokens, dtype=target.dtype, device=device)
-        mask[..., self.context :] = torch.full(
-            (tokens, tokens), torch.finfo(target.dtype).min, dtype=target.dtype, device=device
-        ).triu(1)
-        ids = torch.randint(target.vocab_size, (rows, tokens), device=device)
-        self.cache.prepare(slice(0, rows), positions, self.context + tokens)
-        sync(device)
-        t0 = time.perf_counter()
-        out = target.forward(ids, position_ids=positions, attention_mask=mask, cache=self.cache)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        if self._hidden is None:
-            self._hidden = out.hidden[:1, :1].clone()
+    def step(self, rows: int, tree: TreeSpec | None) -> float:
+        if self.engine is None or any(r.length >= self.limit for r in self.rows[:rows]):
+            self._fill()  # fresh rows before any could finish mid-measurement
+        engine = self.engine
+        engine.rows = self.rows[:rows]  # the other slots keep their state, untouched by this step
+        engine.forced_tree = tree
+        try:
+            sync(self.decoder.target.device)
+            t0 = time.perf_counter()
+            engine.step()
+            seconds = time.perf_counter() - t0
+        finally:
+            engine.forced_tree = _UNFORCED
+            engine.rows = self.rows
         return seconds
 
-    @torch.inference_mode()
-    def draft(self, rows: int, depth: int, k: int) -> float:
-        if self._hidden is None:
-            self.forward(1, 1)
-        device = self.target.device
-        hidden = self._hidden.expand(rows, 2, -1).contiguous()  # two new positions per row, a typical step
-        tokens = torch.randint(self.target.vocab_size, (rows, 2), device=device)
-        start = torch.full((rows,), self.context, dtype=torch.long, device=device)
-        count = torch.full((rows,), 2, dtype=torch.long, device=device)
-        sync(device)
-        t0 = time.perf_counter()
-        self.drafter.draft_rows(hidden, tokens, start, count, depth, k, rows=slice(0, rows))
-        sync(device)
-        return time.perf_counter() - t0
+
+_UNFORCED = object()

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +38,8 @@ TREE_SIZES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
 DEFAULT_OVERHEAD_S = 1e-4
 BUDGET_S = 20.0
 FORMAT_VERSION = 1
+# Part of the cache key: a change to how calibration measures makes every cached model stale.
+CALIBRATION = 4
 
 
 def _interp(points: list[tuple[int, float]], x: float) -> float:
@@ -150,8 +151,9 @@ class CostModel:
         return "\n".join(lines)
 
 
-def _median_timed(measure: Callable, args: tuple, repeats: int) -> tuple[float | None, float]:
-    """(median of `repeats` results after one warm-up or None if the measure returned None, seconds spent).
+def _fastest_timed(measure: Callable, args: tuple, repeats: int) -> tuple[float | None, float]:
+    """(fastest of `repeats` results after one warm-up or None if the measure returned None, seconds spent).
+    The fastest, not the median: other processes on the machine only ever add time to a measurement.
     Each call is charged the larger of what it reports and its wall time (setup counts against the budget)."""
     spent, results = 0.0, []
     for i in range(repeats + 1):
@@ -163,7 +165,7 @@ def _median_timed(measure: Callable, args: tuple, repeats: int) -> tuple[float |
         spent += max(float(s), wall)
         if i:
             results.append(float(s))
-    return statistics.median(results), spent
+    return min(results), spent
 
 
 def calibrate(
@@ -175,7 +177,8 @@ def calibrate(
     overhead_s: float = DEFAULT_OVERHEAD_S,
     budget_s: float = BUDGET_S,
 ) -> CostModel:
-    """Measure a `CostModel`: each point is the median of `repeats` calls after one warm-up.
+    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up; then costs are
+    made non-decreasing in rows and tokens (more work never takes less time; a dip is noise).
 
     measure_forward(rows, tokens) runs one real batched forward (at a typical cache length) and returns its
     seconds; measure_draft(rows) returns a draft call's seconds, or None where it cannot be measured.
@@ -190,15 +193,20 @@ def calibrate(
     for r in rows if measure_draft is not None else ():
         if draft and spent + _interp(sorted(draft.items()), r) * (repeats + 1) > budget_s:
             continue
-        s, cost = _median_timed(measure_draft, (r,), repeats)
+        s, cost = _fastest_timed(measure_draft, (r,), repeats)
         spent += cost
         if s is not None:
             draft[r] = s
     for r, t in sorted(((r, t) for r in rows for t in tokens), key=lambda p: (p[0] * p[1], p[1])):
         if forward and spent + CostModel(forward).forward_s(r, t) * (repeats + 1) > budget_s:
             continue
-        forward[(r, t)], cost = _median_timed(measure_forward, (r, t), repeats)
+        forward[(r, t)], cost = _fastest_timed(measure_forward, (r, t), repeats)
         spent += cost
+    for r, t in sorted(forward):
+        below = [v for (r2, t2), v in forward.items() if r2 <= r and t2 <= t]
+        forward[(r, t)] = max(below)
+    for r in sorted(draft):
+        draft[r] = max(v for r2, v in draft.items() if r2 <= r)
     return CostModel(forward, draft, overhead_s)
 
 
@@ -235,6 +243,7 @@ def cost_key(model_config, dtype, device, drafter: dict | None = None) -> dict:
         "device_name": device_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "calibration": CALIBRATION,
     }
 
 
@@ -304,6 +313,8 @@ class TreePolicy:
     ALPHA = 0.1  # weight of one observation in the online correction
     STEP = math.log(2.0)  # bound on one observation's log(measured / predicted) pull: a hiccup moves little
     FORGET = 0.0002  # per observation, how far the other candidates' log corrections relax back to 0
+    MARGIN = 0.05  # a tree is chosen over plain decoding only when predicted at least this much faster
+    GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
 
     def __init__(self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64):
         acc = list(accuracies)[: max_depth or None]
@@ -319,10 +330,13 @@ class TreePolicy:
             if tree.num_nodes > self.candidates[-1].nodes:  # fewer nodes than asked: the tree is exhausted
                 self.candidates.append(Candidate(tree.num_nodes, tree, expected_tau(tree, acc)))
         self._index = {c.nodes: i for i, c in enumerate(self.candidates)}
+        self.max_nodes = self.candidates[-1].nodes  # cache slots a step may need beyond a row's length
         # (rows bucket, nodes) -> moving average of log(measured / predicted step time)
         self._log_ratio: dict[tuple[int, int], float] = {}
         self._base: dict[int, list[float]] = {}  # rows -> predicted step seconds per candidate
         self._choice: dict[int, Candidate] = {}
+        # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
+        self.gain = 1.0
 
     def _predicted(self, rows: int) -> list[float]:
         base = self._base.get(rows)
@@ -334,7 +348,7 @@ class TreePolicy:
         """Predicted committed tokens per second of each candidate, corrected by observations."""
         bucket = _bucket(rows)
         return [
-            rows * c.tau / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
+            rows * (1.0 + self.gain * (c.tau - 1.0)) / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
             for c, s in zip(self.candidates, self._predicted(rows))
         ]
 
@@ -342,9 +356,14 @@ class TreePolicy:
         choice = self._choice.get(rows)
         if choice is None:
             rates, best = self._rates(rows), 0
-            # Ties go to the smaller tree; a tree that commits a single token never wins.
+            # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
+            # beat plain decoding by MARGIN: where they are close, noise would decide, and plain never loses.
             for i in range(1, len(rates)):
-                if self.candidates[i].tau > 1.0 and rates[i] > rates[best]:
+                if (
+                    self.candidates[i].tau > 1.0
+                    and rates[i] > rates[best]
+                    and rates[i] > rates[0] * (1.0 + self.MARGIN)
+                ):
                     best = i
             choice = self._choice[rows] = self.candidates[best]
         return choice
@@ -353,16 +372,28 @@ class TreePolicy:
         """The tree for a step with `rows` live rows, or None for plain decoding."""
         return self._best(rows).tree
 
-    def observe(self, rows: int, nodes: int, seconds: float) -> None:
+    def observe(self, rows: int, nodes: int, seconds: float, tokens: float | None = None) -> None:
         """Feed back a measured step time, so that a calibration that is off (another process on the cores,
         a cache length unlike the calibration's) heals. Per (rows bucket, nodes), a moving average of
         log(measured / predicted) rescales that candidate's predicted cost: a tree slower than predicted
         loses to the next best, which is then measured in turn. One observation pulls the average by at
         most ALPHA * STEP (a 10x hiccup moves it 7%). Only the chosen candidate is measured, so the others'
         corrections relax back to none (half-life ~3,500 steps of their bucket): a tree judged slow by a
-        passing load is tried again rather than excluded for good."""
+        passing load is tried again rather than excluded for good.
+
+        `tokens`, the mean tokens each row committed in that step, feeds a second correction: `gain`, the
+        moving average of observed / expected accepted drafts, scales every tree's expected gain over
+        plain decoding (accuracies measured on other text than the one being decoded promise too much or
+        too little for every tree alike)."""
         if seconds <= 0 or nodes not in self._index:
             return
+        expected = self.candidates[self._index[nodes]].tau
+        if tokens is not None and expected > 1.0:
+            # Drafts accepted less (or more) often than the accuracies promise: every tree's gain over one
+            # token scales alike, as one drafter makes them all.
+            observed = max(float(tokens) - 1.0, 0.0) / (expected - 1.0)
+            self.gain += self.GAIN_ALPHA * (min(observed, 2.0) - self.gain)
+            self._choice.clear()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
         for c in self.candidates:

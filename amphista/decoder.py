@@ -28,7 +28,7 @@ def auto_policy(decoder: SpeculativeDecoder):
     """tree="auto": a TreePolicy from the drafter's head accuracies and this machine's measured step costs
     (calibrated once per model, drafter, device and thread count, then cached; see docs/cost-model.md)."""
     from .batch import StepTimer
-    from .costs import ROWS, TOKENS, TreePolicy, cost_key, load_or_calibrate
+    from .costs import ROWS, CostModel, TreePolicy, cost_key, load_or_calibrate
     from .tree import load_accuracies
 
     drafter = decoder.drafter
@@ -44,14 +44,19 @@ def auto_policy(decoder: SpeculativeDecoder):
         accuracies = load_accuracies(path, greedy=True)
     elif isinstance(accuracies, (str, bytes)) or hasattr(accuracies, "__fspath__"):
         accuracies = load_accuracies(accuracies, greedy=True)
+    # The candidate trees first (they need no costs), then the cost of a whole step with each of them.
+    policy = TreePolicy(CostModel({(1, 1): 1.0}), accuracies, max_depth=drafter.num_heads)
+    trees = {c.nodes: c.tree for c in policy.candidates}
     config = getattr(drafter, "config", None)
-    described = {"type": type(drafter).__name__, "config": getattr(config, "__dict__", None)}
+    described = {
+        "type": type(drafter).__name__,
+        "config": getattr(config, "__dict__", None),
+        "trees": {n: t.to_json() if t is not None else None for n, t in trees.items()},
+    }
     key = cost_key(decoder.target.config, decoder.target.dtype, decoder.target.device, described)
-    timer = StepTimer(decoder, max(ROWS), max(TOKENS))
-    top_k = max(len(row) for row in accuracies)
-    cost = load_or_calibrate(
-        key, timer.forward, lambda rows: timer.draft(rows, drafter.num_heads, top_k)
-    )
+    decoder.tree_policy = policy  # the timer's engine sizes its cache by the largest candidate
+    timer = StepTimer(decoder, max(ROWS))
+    cost = load_or_calibrate(key, lambda rows, nodes: timer.step(rows, trees[nodes]), tokens=tuple(trees), overhead_s=0.0)
     return TreePolicy(cost, accuracies, max_depth=drafter.num_heads)
 
 

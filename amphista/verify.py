@@ -42,16 +42,21 @@ def verify_greedy(tokens: torch.Tensor, logits: torch.Tensor, buf: TreeBuffers):
     transfers and a walk over a few Python lists cost less than a dozen tensor ops at these sizes.
     """
     argmax = logits.argmax(-1).tolist()
-    tok = tokens.tolist()
+    nodes = greedy_path(tokens.tolist(), argmax, buf.children)
+    idx = torch.tensor(nodes, device=tokens.device)
+    return nodes, idx, argmax[nodes[-1]]
+
+
+def greedy_path(tok: list[int], argmax: list[int], children: list[list[int]]) -> list[int]:
+    """The accepted nodes (root first) of a tree whose node tokens are `tok`, given the target's argmax at
+    every node: at most one child per node can match, so it is a walk down from the root."""
     node, nodes = 0, [0]
     while True:
         want = argmax[node]
-        node = next((c for c in buf.children[node] if tok[c] == want), None)
+        node = next((c for c in children[node] if tok[c] == want), None)
         if node is None:
-            break
+            return nodes
         nodes.append(node)
-    idx = torch.tensor(nodes, device=tokens.device)
-    return nodes, idx, argmax[nodes[-1]]
 
 
 def verify_sampling(

@@ -154,10 +154,13 @@ def test_observe_heals_a_wrong_calibration():
     assert right.choose(1) == first
 
 
-def test_calibrate_medians_and_draft():
+def test_calibrate_takes_the_fastest_repeat_and_never_lets_more_work_cost_less():
     values = iter([100.0, 1.0, 3.0, 2.0])  # a slow warm-up, then three repeats
     m = calibrate(lambda r, t: next(values), rows=(1,), tokens=(1,), repeats=3)
-    assert m.forward == {(1, 1): 2.0}
+    assert m.forward == {(1, 1): 1.0}
+    noisy = {(1, 1): 2.0, (1, 2): 1.0, (2, 1): 1.5, (2, 2): 3.0}  # two dips: (1, 2) and (2, 1)
+    m = calibrate(lambda r, t: noisy[(r, t)], rows=(1, 2), tokens=(1, 2), repeats=1)
+    assert m.forward == {(1, 1): 2.0, (1, 2): 2.0, (2, 1): 2.0, (2, 2): 3.0}
     draft = Counter(lambda rows: None if rows == 4 else 1e-4 * rows)
     m = calibrate(compute_bound, draft, rows=(1, 2, 4), tokens=(1, 2), repeats=2)
     assert m.draft == {1: pytest.approx(1e-4), 2: pytest.approx(2e-4)}  # None: not measured
