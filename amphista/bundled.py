@@ -73,13 +73,12 @@ def load_default_drafter(name: str = "amphista", target: TargetModel | None = No
     return load_drafter(default_drafter_path(name), target if target is not None else load_default_target())
 
 
-# The tree every command (generate, serve, bench, demo) verifies by default: the best DEFAULT_TREE_NODES-token
-# tree for the drafter's measured head accuracies (head_accuracy.json beside its weights), and Medusa's
-# mc_sim_7b_63 for a drafter without that file. Small targets verify few tokens fastest: on stories260K,
-# 8 nodes were the fastest size or within 1% of it for both shipped drafters (against 10, 12 and 16), and a
-# SmolLM2-135M tree forward costs about as much as a one-token forward up to ~4-8 tokens but ~1.5x at 16.
+# The tree every command (generate, serve, bench, demo) verifies by default: "auto", which picks at each step
+# the tree (or none) with the most expected tokens per second for the live rows, from the drafter's measured
+# head accuracies (head_accuracy.json beside its weights) and this machine's measured step costs
+# (docs/cost-model.md); Medusa's mc_sim_7b_63 for a drafter without that file. --tree-nodes N instead fixes
+# the best N-token tree for those accuracies.
 DEFAULT_TREE = "auto"
-DEFAULT_TREE_NODES = 8
 FALLBACK_TREE = "mc_sim_7b_63"
 
 STORIES = "stories260K"

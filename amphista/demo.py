@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 
-from .bundled import DEFAULT_TREE_NODES
 from .cli import HelpFormatter, int_range, positive_int
 
 # (prompts, max new tokens, runs): the bundled model decodes ~1000 tokens/s; a 135M chat model ~20, so
@@ -49,18 +48,20 @@ def add_parser(sub) -> None:
         help=f"repeat everything this many times (mean ± std); {CHAT_SIZE[2]} with --target "
         f"(default: {BUNDLED_SIZE[2]})",
     )
-    # The same default tree as every other command (amphista.bundled.DEFAULT_TREE_NODES, from head accuracies).
+    # The same default tree as every other command (amphista.bundled.DEFAULT_TREE).
     p.add_argument(
         "--tree",
         default=None,
-        help="'auto' (built from head accuracies; the default where they exist, else mc_sim_7b_63), "
-        "a tree name or JSON file",
+        help="token tree: 'auto' (the default where the drafter has head_accuracy.json): at each step the tree, or "
+        "none, with the most expected tokens/s for the live rows, from the head accuracies and this machine's measured "
+        "step costs (docs/cost-model.md); else a name (mc_sim_7b_63, chain) or a JSON file",
     )
     p.add_argument(
         "--tree-nodes",
         type=int_range(2, what="an integer of at least 2"),
-        default=DEFAULT_TREE_NODES,
-        help="size of 'auto' trees, root included",
+        metavar="N",
+        help="with --tree auto: verify the best N-token tree (root included) for the head accuracies at every step, "
+        "instead of the cost model's choice",
     )
     p.add_argument(
         "--drafter",
@@ -140,7 +141,9 @@ def run_demo(args) -> int:
         f"{max_new} new tokens max, greedy, {runs} run(s):\n"
     )
     trees = ", ".join(
-        f"{n}: {m['tree']['num_nodes']}" for n, m in results["methods"].items() if m.get("tree")
+        f"{n}: {m['tree']['num_nodes']}" + (" (auto)" if m["tree"]["source"] == "auto" else "")
+        for n, m in results["methods"].items()
+        if m.get("tree")
     )
     print(methods_table(results))
     print(f"\ntree nodes per step (root included): {trees}")

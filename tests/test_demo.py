@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -38,7 +39,8 @@ def test_demo_json_has_the_results_schema(drafter_args, capsys):
     story = results["story"]
     assert story["method"] == "amphista" and story["equals_vanilla"] is True
     assert story["new_tokens"] == 8 and story["text"]
-    assert results["methods"]["amphista"]["tree"]["num_nodes"] == 8
+    tree = results["methods"]["amphista"]["tree"]  # the cost model's choice for one row on this machine
+    assert tree["source"] == "auto" and 2 <= tree["num_nodes"] <= 64
 
 
 def test_demo_table(drafter_args, capsys):
@@ -48,7 +50,7 @@ def test_demo_table(drafter_args, capsys):
         "| amphista |" in out and "| vanilla_loop (baseline) |" in out or "| vanilla_hf (baseline) |" in out
     )
     assert "identical to vanilla: True" in out
-    assert "tree nodes per step (root included): medusa: 8, amphista: 8" in out
+    assert re.search(r"tree nodes per step \(root included\): medusa: \d+ \(auto\), amphista: \d+ \(auto\)", out)
 
 
 def test_demo_without_drafters_names_the_training_script(tmp_path, monkeypatch, capsys):

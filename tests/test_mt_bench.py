@@ -315,13 +315,14 @@ def test_every_command_has_the_same_default_tree():
     for command in ("bench", "demo", "generate", "serve"):
         defaults = {a.dest: a.default for a in sub[command]._actions}
         assert defaults["tree"] is None, command  # auto from head_accuracy.json, else the fallback
-        assert defaults["tree_nodes"] == bundled.DEFAULT_TREE_NODES, command
-    assert BenchConfig().tree is None and BenchConfig().tree_nodes == bundled.DEFAULT_TREE_NODES
+        assert defaults["tree_nodes"] is None, command  # the cost model sizes auto trees
+    assert BenchConfig().tree is None and BenchConfig().tree_nodes is None
     from amphista.serve.loading import DEFAULT_TREE, resolve_tree
 
     assert DEFAULT_TREE == bundled.FALLBACK_TREE
     with_acc = bundled.default_drafter_path("amphista")
-    assert resolve_tree(None, with_acc).num_nodes == bundled.DEFAULT_TREE_NODES
+    assert resolve_tree(None, with_acc) == "auto"
+    assert resolve_tree(None, with_acc, 6).num_nodes == 6
     assert resolve_tree(None, None) == bundled.FALLBACK_TREE
 
 
@@ -329,8 +330,7 @@ def test_bench_default_tree_follows_head_accuracies(chat_run, tmp_path):
     results, _, _ = chat_run  # shipped drafters have head_accuracy.json
     for name in ("medusa", "amphista"):
         tree = results["methods"][name]["tree"]
-        assert tree["num_nodes"] == bundled.DEFAULT_TREE_NODES
-        assert tree["source"] == f"build_tree({bundled.DEFAULT_TREE_NODES})"
+        assert tree["source"] == "auto" and 2 <= tree["num_nodes"] <= 64
     target = amphista.load_default_target()
     results, _ = benchmark(
         BenchConfig(target=target, drafters={"r": RandomDrafter(512, 64)}, questions=CHAT_QUESTIONS[:1],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..bundled import DEFAULT_TREE_NODES, FALLBACK_TREE
+from ..bundled import FALLBACK_TREE
 from ..cli import HelpFormatter, float_range, int_range, positive_int
 from ..errors import InputError
 
@@ -65,14 +65,16 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tree",
         default=None,
-        help="tree name (mc_sim_7b_63, chain), JSON file, or 'auto' (built from each drafter's "
-        f"head_accuracy.json; the default where it exists, else {FALLBACK_TREE}, as in generate and serve)",
+        help="tree name (mc_sim_7b_63, chain), JSON file, or 'auto' (the cost model's choice from each drafter's "
+        f"head_accuracy.json and this machine's step costs; the default where it exists, else {FALLBACK_TREE}, "
+        "as in generate and serve)",
     )
     p.add_argument(
         "--tree-nodes",
         type=int_range(2, what="an integer, at least 2"),
-        default=DEFAULT_TREE_NODES,
-        help="size of 'auto' trees, root included, as in generate, serve and demo",
+        metavar="N",
+        help="with --tree auto: verify the best N-token tree (root included) for the head accuracies at every step, "
+        "instead of the cost model's choice",
     )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
     p.add_argument(

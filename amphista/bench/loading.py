@@ -181,9 +181,10 @@ def accuracies_for(name: str, path, override=None, greedy: bool = False) -> list
     return load_accuracies(file, greedy)
 
 
-def tree_for(tree, nodes: int, accuracies=None) -> TreeSpec | str:
-    """ "auto" builds the best `nodes`-token tree from head accuracies; anything else is passed through."""
-    if isinstance(tree, str) and tree == "auto":
+def tree_for(tree, nodes: int | None, accuracies=None) -> TreeSpec | str:
+    """ "auto" with `nodes` builds the best `nodes`-token tree from head accuracies; without, "auto" stays (the
+    decoder's cost model chooses); anything else is passed through."""
+    if isinstance(tree, str) and tree == "auto" and nodes is not None:
         return build_tree(accuracies, nodes)
     return tree
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundled import DEFAULT_TREE_NODES, FALLBACK_TREE
+from ..bundled import FALLBACK_TREE
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
 from ..tree import TreeSpec, build_tree, expected_tau
@@ -54,7 +54,7 @@ class BenchConfig:
     seed: int = 0
     # None: the default of every command -- "auto" for a drafter with head accuracies, else FALLBACK_TREE.
     tree: object = None  # a name, a JSON file, a path list, or "auto" (built from head accuracies)
-    tree_nodes: int = DEFAULT_TREE_NODES  # size of "auto" trees
+    tree_nodes: int | None = None  # with tree "auto": a fixed tree of this size instead of the cost model
     tree_sweep: list[int] | None = None  # one method per drafter and tree size, built from head accuracies
     head_accuracies: dict = field(default_factory=dict)  # name -> file or list; default: head_accuracy.json
     hf_baseline: bool = True  # also time `transformers` generate() as a vanilla candidate
@@ -162,7 +162,7 @@ def prepare(cfg: BenchConfig):
             source = (
                 f"build_tree({cfg.tree_nodes})" if isinstance(tree, TreeSpec) and choice == "auto" else choice
             )
-            methods.append(_speculative(name, target, drafter, tree, info, source, profile))
+            methods.append(_speculative(name, target, drafter, tree, info, source, profile, accuracies.get(name)))
     for name, obj in cfg.extra_methods.items():
         methods.append(Method(name, obj, "custom", {"class": type(obj).__name__}))
     for q in questions:  # later turns depend on the answers; the first ones can be checked now
@@ -175,8 +175,9 @@ def prepare(cfg: BenchConfig):
     return target, questions, methods, sweep
 
 
-def _speculative(name, target, drafter, tree, info, source, profile: bool = False) -> Method:
-    decoder = SpeculativeDecoder(target, drafter, tree=tree)  # raises DrafterMismatchError / TreeError
+def _speculative(name, target, drafter, tree, info, source, profile: bool = False, accuracies=None) -> Method:
+    # raises DrafterMismatchError / TreeError
+    decoder = SpeculativeDecoder(target, drafter, tree=tree, accuracies=accuracies)
     decoder.profile_steps = profile
     spec = decoder.tree
     tree_info = {

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 
-from ..bundled import DEFAULT_TREE_NODES
 from ..cli import HelpFormatter, float_range, int_range, positive_int
 from ..errors import InputError
 
@@ -32,14 +31,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tree",
         default=None,
-        help="token tree: 'auto' (built from the drafter's head_accuracy.json; the default when it exists), "
-        "a name (mc_sim_7b_63, chain) or a JSON file",
+        help="token tree: 'auto' (the default where the drafter has head_accuracy.json): at each step the tree, or "
+        "none, with the most expected tokens/s for the live rows, from the head accuracies and this machine's measured "
+        "step costs (docs/cost-model.md); else a name (mc_sim_7b_63, chain) or a JSON file",
     )
     p.add_argument(
         "--tree-nodes",
         type=int_range(2, what="an integer of at least 2"),
-        default=DEFAULT_TREE_NODES,
-        help="size of 'auto' trees, root included, as in bench and demo",
+        metavar="N",
+        help="with --tree auto: verify the best N-token tree (root included) for the head accuracies at every step, "
+        "instead of the cost model's choice",
     )
     p.add_argument(
         "--threads",

@@ -4,10 +4,10 @@
 --drafter: "none" -> vanilla decoding; "amphista" / "medusa" -> the drafter of that kind shipped for the
            target (bundled.SHIPPED_DRAFTERS); a folder -> a saved drafter; omitted -> the shipped Amphista
            drafter when there is one for the target, else vanilla decoding (with a note on stderr).
---tree:    "auto" (default when the drafter folder has head_accuracy.json) -> the best --tree-nodes-token tree
-           for the drafter's measured head accuracies; else a name ("mc_sim_7b_63", the fallback; "chain")
-           or a tree JSON file. Small targets verify few tokens fastest, hence bundled.DEFAULT_TREE_NODES (8)
-           by default, the same default as `amphista bench` and `amphista demo`.
+--tree:    "auto" (default when the drafter folder has head_accuracy.json) -> the cost model picks each step's
+           tree for the live rows (docs/cost-model.md), or with --tree-nodes N the best N-token tree for the
+           drafter's measured head accuracies; else a name ("mc_sim_7b_63", the fallback; "chain") or a tree
+           JSON file. `amphista bench` and `amphista demo` choose the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | N
     return drafter.to(device=target.device, dtype=target.dtype), path
 
 
-def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int = bundled.DEFAULT_TREE_NODES):
+def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int | None = None):
+    """The `tree` argument of SpeculativeDecoder for --tree / --tree-nodes: "auto" (the cost model), the best
+    `nodes`-token tree, or the named / file tree as given."""
     accuracies = drafter_dir / ACCURACY_FILE if drafter_dir is not None else None
     if tree == "auto" or (tree is None and accuracies is not None and accuracies.is_file()):
         if accuracies is None or not accuracies.is_file():
@@ -70,7 +72,7 @@ def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int = bundle
                 f"--tree auto needs {ACCURACY_FILE} in the drafter folder ({drafter_dir}): write it with "
                 "`amphista heads-accuracy`, or pass --tree mc_sim_7b_63"
             )
-        return build_tree(load_accuracies(accuracies), nodes)
+        return "auto" if nodes is None else build_tree(load_accuracies(accuracies, greedy=True), nodes)
     return tree or DEFAULT_TREE
 
 
@@ -78,7 +80,7 @@ def load_decoder(
     target_path: str | None,
     drafter_spec: str | None,
     tree: str | None = None,
-    tree_nodes: int = bundled.DEFAULT_TREE_NODES,
+    tree_nodes: int | None = None,
 ) -> Decoder:
     target = load_target(target_path)
     drafter, path = load_drafter_arg(drafter_spec, target, target_path)
