@@ -37,7 +37,10 @@ def add_parser(sub) -> None:
     p.add_argument("--categories", help="comma-separated categories to keep (default: all)")
     p.add_argument("--limit", type=positive_int, help="at most this many questions (default: all)")
     p.add_argument(
-        "--per-category", type=positive_int, metavar="N", help="the first N questions of each category (default: all)"
+        "--per-category",
+        type=positive_int,
+        metavar="N",
+        help="the first N questions of each category (default: all)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit per turn")
     p.add_argument(
@@ -77,6 +80,13 @@ def add_parser(sub) -> None:
         "instead of the cost model's choice",
     )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
+    p.add_argument(
+        "--batch-sizes",
+        metavar="B,B,...",
+        help="batched decoding instead: at each batch size, that many first turns decoded together by plain "
+        "decoding (amphista's and transformers' left-padded generate) and each drafter with tree 'auto' and "
+        "the --tree-sweep sizes (default 8); aggregate tokens/s, tau, exactness per row; one run each",
+    )
     p.add_argument(
         "--head-accuracy",
         action="append",
@@ -124,13 +134,13 @@ def _pairs(values, flag: str) -> dict[str, str]:
     return out
 
 
-def _sizes(text: str | None) -> list[int] | None:
+def _sizes(text: str | None, flag: str = "--tree-sweep") -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise InputError(f"--tree-sweep {text!r}: expected comma-separated integers like 8,16,32,64") from e
+        raise InputError(f"{flag} {text!r}: expected comma-separated integers like 1,2,4,8") from e
 
 
 def config_from_args(args):
@@ -171,6 +181,8 @@ def run_bench(args) -> int:
     from .report import markdown
     from .runner import run_benchmark
 
+    if args.batch_sizes:
+        return run_batch_bench(args)
     cfg = config_from_args(args)
     if cfg.target is not None and cfg.drafters is None:
         print(f"amphista bench: {drafter_note(cfg.target)}", file=sys.stderr)
@@ -179,6 +191,39 @@ def run_bench(args) -> int:
     print(f"\nwritten to {args.out}/ (results.json, results.md, answers/, plots)")
     # A greedy mismatch is a correctness failure, not a number: scripts and CI must notice it.
     return 1 if results["warnings"] else 0
+
+
+def run_batch_bench(args) -> int:
+    from ..training.data import check_output
+    from . import loading
+    from .batching import BatchBenchConfig, write_batch_results
+
+    sizes = _sizes(args.batch_sizes, "--batch-sizes")
+    if any(b < 1 for b in sizes):
+        raise InputError(f"--batch-sizes {args.batch_sizes!r}: batch sizes must be positive")
+    check_output(args.out, "--out", folder=True)
+    if args.target is not None and not args.drafter:
+        print(f"amphista bench: {loading.drafter_note(args.target)}", file=sys.stderr)
+    cfg = BatchBenchConfig(
+        target=args.target,
+        drafters=loading.parse_drafter_args(args.drafter) if args.drafter else None,
+        questions=args.questions,
+        batch_sizes=sizes,
+        tree_sizes=_sizes(args.tree_sweep) if args.tree_sweep else [8],
+        max_new_tokens=args.max_new_tokens,
+        hf_baseline=not args.no_hf_baseline,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+    results, text = write_batch_results(cfg, args.out, plots=not args.no_plots)
+    print(text)
+    print(
+        f"\nwritten to {args.out}/ (batch_results.json, batch_results.md"
+        + (", batching.png)" if not args.no_plots else ")")
+    )
+    return 1 if any(r["mismatched_rows"] for r in results["rows"]) else 0
 
 
 def run_tree(args) -> int:
