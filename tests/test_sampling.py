@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_target
 
 import amphista
+import amphista.batch
 from amphista import verify as verify_mod
 from amphista.drafters import OracleDrafter, RandomDrafter
 from amphista.sampling import SamplingParams, target_probs
@@ -129,3 +130,60 @@ def test_same_seed_same_output(model):
     a = dec.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=7).new_tokens
     b = dec.generate(PROMPT, max_new_tokens=12, temperature=1.0, seed=7).new_tokens
     assert a == b
+
+
+# --- batches -------------------------------------------------------------------------------------------------
+
+OTHER = [4, 1, 6, 2, 7]  # a longer prompt sharing the batch: ragged rows, not counted
+
+
+def _draw_batched(decoder, params: SamplingParams, n: int, rows: int = 8) -> dict:
+    """n draws of PROMPT's first two tokens, `rows` PROMPT rows per call interleaved with OTHER rows."""
+    counts: dict = {}
+    prompts = [PROMPT if i % 2 == 0 else OTHER for i in range(2 * rows)]
+    for call in range(-(-n // rows)):
+        outs = decoder.generate_batch(prompts, max_new_tokens=2, temperature=params.temperature, top_p=params.top_p,
+                                      top_k=params.top_k, seed=call * len(prompts), eos_token_id=[])  # fmt: skip
+        for out in outs[0::2]:
+            key = tuple(out.new_tokens)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["good", "bad", "vanilla"])
+def test_batched_sampling_matches_target_distribution(model, kind, monkeypatch):
+    params = SamplingParams(0.7, top_p=0.9, top_k=5)
+    if kind == "vanilla":
+        dec = amphista.VanillaDecoder(model)
+    else:
+        drafter = _good_drafter(model) if kind == "good" else RandomDrafter(VOCAB, 32, num_heads=3, seed=1)
+        dec = amphista.SpeculativeDecoder(model, drafter, tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0]])
+    accepted = []
+
+    def counting(*args):
+        nodes, idx, bonus = verify_mod.verify_sampling(*args)
+        accepted.append(len(nodes) - 1)
+        return nodes, idx, bonus
+
+    monkeypatch.setattr(amphista.batch, "verify_sampling", counting)
+    counts = _draw_batched(dec, params, DRAWS)
+    assert _chi2_pvalue(counts, _exact_joint(model, params), sum(counts.values())) > P_MIN
+    if kind != "vanilla":
+        rate = sum(a > 0 for a in accepted) / len(accepted)
+        assert rate > 0.3 if kind == "good" else rate < 0.5
+
+
+def test_the_chi_square_check_catches_a_lossy_verifier_in_batches(model, monkeypatch):
+    params = SamplingParams(1.0)
+
+    def accept_everything(tokens, logits, buf, params, generator):
+        nodes = [0]
+        while buf.children[nodes[-1]]:
+            nodes.append(buf.children[nodes[-1]][0])
+        probs = target_probs(logits[nodes[-1]], params)
+        return nodes, torch.tensor(nodes), int(torch.multinomial(probs, 1, generator=generator))
+
+    monkeypatch.setattr(amphista.batch, "verify_sampling", accept_everything)
+    dec = amphista.SpeculativeDecoder(model, _good_drafter(model), tree=[[0], [0, 0]])
+    counts = _draw_batched(dec, params, 600)
+    assert _chi2_pvalue(counts, _exact_joint(model, params), sum(counts.values())) < P_MIN
