@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .errors import InputError
 from .generation import GenerateOutput, Request, sync
 from .sampling import sample, target_probs
+from .target import attention_layout
 from .tree import TreeBuffers, TreeSpec
 from .verify import greedy_path, verify_sampling, verify_typical
 
@@ -180,13 +181,7 @@ class BatchEngine:
         self._early: list[RowEvent] = []  # rows that finished at prefill
         self.last_tree: TreeSpec | None = None  # the tree of the latest step (None: plain)
         self.forced_tree = _UNFORCED  # StepTimer's: the tree every step uses, whatever the policy says
-        cfg = self.target.text_config
-        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-        types = getattr(cfg, "layer_types", None)
-        self.layer_types = sorted(set(types)) if types else None
-        self.window = (
-            window if (self.layer_types is None or "sliding_attention" in self.layer_types) else None
-        )
+        self.window, self.layer_types = attention_layout(self.target.text_config)
 
     def __len__(self) -> int:
         return len(self.rows)

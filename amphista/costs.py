@@ -319,6 +319,7 @@ class TreePolicy:
     # predicted gain is not a gain.
     MARGIN = 0.25
     GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
+    GAIN_PRIOR = 5  # the accuracies' promise counts as this many observed steps
 
     def __init__(self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64):
         acc = list(accuracies)[: max_depth or None]
@@ -341,6 +342,7 @@ class TreePolicy:
         self._choice: dict[int, Candidate] = {}
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
         self.gain = 1.0
+        self._gain_steps = 0
 
     def _predicted(self, rows: int) -> list[float]:
         base = self._base.get(rows)
@@ -396,7 +398,11 @@ class TreePolicy:
             # Drafts accepted less (or more) often than the accuracies promise: every tree's gain over one
             # token scales alike, as one drafter makes them all.
             observed = max(float(tokens) - 1.0, 0.0) / (expected - 1.0)
-            self.gain += self.GAIN_ALPHA * (min(observed, 2.0) - self.gain)
+            # A plain mean over the first steps (with the accuracies' promise counted as a few of them), a
+            # moving average after: the first answer already corrects a promise that was off.
+            self._gain_steps += 1
+            alpha = max(self.GAIN_ALPHA, 1.0 / (self._gain_steps + self.GAIN_PRIOR))
+            self.gain += alpha * (min(observed, 2.0) - self.gain)
             self._choice.clear()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)

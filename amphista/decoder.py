@@ -18,7 +18,7 @@ from .drafters.base import Drafter
 from .errors import InputError, TreeError
 from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
-from .target import decode_attention
+from .target import attention_layout, decode_attention
 from .tree import FixedTree, TreeBuffers, TreeSpec
 from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
@@ -131,33 +131,24 @@ class SpeculativeDecoder(Decoder):
         drafter.attach(self.target)
         self.drafter = drafter.eval()
         self.set_tree(tree)
-        cfg = self.target.text_config
-        self.window = (
-            getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-        )
-        layer_types = getattr(cfg, "layer_types", None)
-        self.layer_types = sorted(set(layer_types)) if layer_types else None
-        if self.layer_types:
-            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
-            if unknown:
-                raise InputError(
-                    f"the target uses attention layer types {sorted(unknown)} which tree verification does not "
-                    "support yet: use a model with full or sliding-window attention"
-                )
-            if "sliding_attention" not in self.layer_types:
-                self.window = None
+        self.window, self.layer_types = attention_layout(self.target.text_config)
 
     def set_tree(self, tree) -> None:
         """Verify with another token tree from now on (same forms as the constructor's `tree`)."""
-        if isinstance(tree, str) and tree == "auto":
+        self.auto = isinstance(tree, str) and tree == "auto"
+        if self.auto:
             self.tree_policy = auto_policy(self)
-            # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding).
-            spec = self.tree_policy.choose(1)
-            self._plain = spec is None
-            spec = spec or TreeSpec.chain(1)
+            # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding);
+            # chosen again at every generate, as the policy learns from the steps it sees.
+            self._use(self.tree_policy.choose(1))
         else:
             spec = TreeSpec.load(tree, self.drafter.num_heads)
-            self._plain = False
+            self._use(spec)
+            self.tree_policy = FixedTree(spec)
+
+    def _use(self, spec: TreeSpec | None) -> None:
+        self._plain = spec is None
+        spec = spec or TreeSpec.chain(1)
         if spec.depth > self.drafter.num_heads:
             raise TreeError(
                 f"the tree is {spec.depth} levels deep but the drafter has {self.drafter.num_heads} heads: "
@@ -168,13 +159,15 @@ class SpeculativeDecoder(Decoder):
                 f"the tree asks for rank {spec.max_rank} but the vocabulary has {self.target.vocab_size} tokens"
             )
         self.tree = spec
-        if not (isinstance(tree, str) and tree == "auto"):
-            self.tree_policy = FixedTree(spec)
         self.buffers = TreeBuffers(spec, self.target.device)
         self.extra_cache = spec.num_nodes
 
     @torch.inference_mode()
     def _run(self, request: Request) -> Iterator[list[int]]:
+        if self.auto:
+            choice = self.tree_policy.choose(1)
+            if choice != (None if self._plain else self.tree):
+                self._use(choice)
         if self._plain:  # tree="auto" found no tree that pays for one row on this machine
             return (yield from VanillaDecoder._run(self, request))
         target, drafter, buf, params = self.target, self.drafter, self.buffers, request.params
@@ -244,6 +237,8 @@ class SpeculativeDecoder(Decoder):
             sync(device)
             te = time.perf_counter()
             step_times.append(te - ts)
+            if self.auto:
+                self.tree_policy.observe(1, buf.num_nodes, te - ts, len(nodes))
             if parts is not None:
                 parts.append((t_draft - ts, t_forward - t_draft, t_verify - t_forward, te - t_verify))
             accept_lengths.append(len(emitted))

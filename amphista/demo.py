@@ -70,7 +70,11 @@ def add_parser(sub) -> None:
         help="other drafters (default: those shipped for the target)",
     )
     # A 64-wide model's ops are too small to split: on 2 cores every method ran 10-20% slower with 2 threads.
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads (default: the count measured fastest for the target here, as in generate)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON (results.json schema)")
     p.set_defaults(func=run_demo)
 

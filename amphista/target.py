@@ -69,6 +69,26 @@ def decode_attention(device: torch.device):
     return sdpa_kernel(_DECODE_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def attention_layout(text_config) -> tuple[int | None, list[str] | None]:
+    """(sliding window or None, attention layer types or None) of a target, as tree masks need them: a window
+    limits how far back a query may look; with layer types, full and sliding layers get masks of their own.
+    Raises InputError for layer types tree verification cannot mask."""
+    cfg = text_config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    types = getattr(cfg, "layer_types", None)
+    layer_types = sorted(set(types)) if types else None
+    if layer_types:
+        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise InputError(
+                f"the target uses attention layer types {sorted(unknown)} which tree verification does not "
+                "support yet: use a model with full or sliding-window attention"
+            )
+        if "sliding_attention" not in layer_types:
+            window = None
+    return window, layer_types
+
+
 @dataclass
 class TargetOutput:
     logits: torch.Tensor | None  # (1, q, V) float32, or None when not asked for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import hf_greedy, tiny_target
@@ -204,3 +206,56 @@ def test_a_drafter_without_row_support_is_refused_clearly(bundled):
     decoder = amphista.SpeculativeDecoder(target, Single(target.vocab_size, target.hidden_size), tree="chain")
     with pytest.raises(InputError, match="does not support batched decoding"):
         decoder.generate_batch([[1, 2]])
+
+
+# --- tree="auto" --------------------------------------------------------------------------------------------
+
+
+def _cost_file(tmp_path, per_token: float) -> str:
+    """A cost model where a step costs 1 ms + per_token ms for each token of each row."""
+    grid = [[r, n, 1e-3 + per_token * 1e-3 * r * n] for r in (1, 4, 16) for n in (1, 2, 4, 8, 16, 32, 64)]
+    path = tmp_path / f"costs-{per_token}.json"
+    path.write_text(json.dumps({"version": 1, "forward": grid, "overhead_s": 0.0}))
+    return str(path)
+
+
+def test_auto_picks_trees_where_they_pay_and_plain_where_not(bundled, tmp_path, monkeypatch):
+    target, drafters = bundled
+    prompts = _story_prompts(target, 3)
+    plain = amphista.VanillaDecoder(target)
+    refs = [plain.generate(p, max_new_tokens=24).new_tokens for p in prompts]
+    monkeypatch.setenv("AMPHISTA_COST_MODEL", _cost_file(tmp_path, 0.0))  # verifying more tokens is free
+    free = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="auto")
+    assert free.tree.num_nodes > 8 and not free._plain
+    assert [free.generate(p, max_new_tokens=24).new_tokens for p in prompts] == refs
+    assert [o.new_tokens for o in free.generate_batch(prompts, max_new_tokens=24)] == refs
+    monkeypatch.setenv("AMPHISTA_COST_MODEL", _cost_file(tmp_path, 5.0))  # every token costs 5 ms
+    dear = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="auto")
+    assert dear._plain and dear.tree_policy.choose(16) is None
+    out = dear.generate(prompts[0], max_new_tokens=24)
+    assert out.new_tokens == refs[0] and out.tau == 1.0
+    outs = dear.generate_batch(prompts, max_new_tokens=24)
+    assert [o.new_tokens for o in outs] == refs and all(o.tau == 1.0 for o in outs)
+
+
+def test_auto_calibrates_on_this_machine_and_caches(bundled, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path))
+    monkeypatch.delenv("AMPHISTA_COST_MODEL", raising=False)
+    target, drafters = bundled
+    decoder = amphista.SpeculativeDecoder(target, drafters["medusa"], tree="auto")
+    files = list((tmp_path / "costs").iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"]["threads"] == torch.get_num_threads()
+    assert decoder.tree_policy.choose(1) is not None  # the trained drafter pays at one row here
+    before = files[0].stat().st_mtime_ns
+    amphista.SpeculativeDecoder(target, drafters["medusa"], tree="auto")
+    assert files[0].stat().st_mtime_ns == before  # read, not measured again
+
+
+def test_auto_without_accuracies_says_what_it_needs(bundled):
+    target, _ = bundled
+    drafter = MedusaDrafter.for_target(target)
+    with pytest.raises(amphista.TreeError, match="head_accuracy.json"):
+        amphista.SpeculativeDecoder(target, drafter, tree="auto")
+    accuracies = [[0.6, 0.7], [0.4, 0.5], [0.3, 0.35], [0.2, 0.25]]
+    decoder = amphista.SpeculativeDecoder(target, drafter, tree="auto", accuracies=accuracies)
+    assert decoder.auto and decoder.tree_policy.max_nodes >= 2

@@ -190,7 +190,7 @@ def test_help_shows_the_defaults(capsys):
             "generate",
             ["(default: 128)", "(default: 1.0)", "(default: 0)", "(default: --stream)", "only with --chat"],
         ),
-        ("demo", ["(default: 6)", "(default: 3)", "(default: 1)"]),
+        ("demo", ["(default: 6)", "(default: 3)"]),
     ]:
         code, out, _ = run(capsys, command, "--help")
         assert code == 0

@@ -18,7 +18,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # docs/serving.md's example talks to a running server; docs/method.md has no Python.
-PAGES = ("README.md", "docs/bundled-model.md", "docs/drafters.md", "docs/benchmark.md", "docs/training.md")
+PAGES = (
+    "README.md",
+    "docs/bundled-model.md",
+    "docs/drafters.md",
+    "docs/benchmark.md",
+    "docs/training.md",
+    "docs/cost-model.md",
+)
 
 FENCE = re.compile(r"^```(\w*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not run:\s*(.*?)\s*-->\s*$")

@@ -20,6 +20,7 @@ import torch
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
 from ..generation import sync
+from ..threads import set_threads
 from ..tree import build_tree
 from ..vanilla import VanillaDecoder
 from . import loading
@@ -93,14 +94,13 @@ def run_batch_benchmark(cfg: BatchBenchConfig) -> dict:
         raise InputError(f"batch sizes must be positive integers, got {cfg.batch_sizes}")
     if any(int(n) < 2 for n in cfg.tree_sizes):
         raise InputError(f"tree sizes must be at least 2 nodes (root + 1), got {cfg.tree_sizes}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     specs = (
         dict(cfg.drafters)
         if cfg.drafters is not None
         else dict(loading.bundled_drafters() if cfg.target is None else loading.shipped_drafters(cfg.target))
     )
     target = loading.load_target(cfg.target, cfg.device, cfg.dtype)
+    set_threads(target, cfg.threads)  # None: the count measured fastest here
     prompts = _prompts(cfg, target, sizes[-1])
     entries = [_Entry(PLAIN, "plain", VanillaDecoder(target))]
     if cfg.hf_baseline:

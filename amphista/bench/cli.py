@@ -96,7 +96,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-hf-baseline", action="store_true", help="skip transformers generate() as a baseline")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: where the model loads)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads (default: the count measured fastest for the target here, as in generate)",
+    )
     p.add_argument(
         "--out", required=True, metavar="RESULTS_DIR", help="folder for answers, results.json, plots"
     )

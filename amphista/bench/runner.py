@@ -14,11 +14,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..bundled import FALLBACK_TREE
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
+from ..threads import set_threads
 from ..tree import TreeSpec, build_tree, expected_tau
 from . import loading
 from .environment import drafter_info, environment
@@ -139,9 +138,8 @@ def prepare(cfg: BenchConfig):
             path = spec if _is_path(spec) else None
             accuracies[name] = loading.accuracies_for(name, path, cfg.head_accuracies.get(name), cfg.temperature == 0)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     target = loading.load_target(cfg.target, cfg.device, cfg.dtype)
+    set_threads(target, cfg.threads)  # None: the count measured fastest here
     methods = vanilla_methods(target, cfg.hf_baseline)
     profile = target.device.type == "cpu" if cfg.step_breakdown is None else bool(cfg.step_breakdown)
     sweep = {}

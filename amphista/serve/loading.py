@@ -81,8 +81,12 @@ def load_decoder(
     drafter_spec: str | None,
     tree: str | None = None,
     tree_nodes: int | None = None,
+    threads: int | None = None,
 ) -> Decoder:
+    from ..threads import set_threads
+
     target = load_target(target_path)
+    set_threads(target, threads)  # before tree="auto" measures step costs, which depend on it
     drafter, path = load_drafter_arg(drafter_spec, target, target_path)
     if drafter is None:
         return VanillaDecoder(target)
