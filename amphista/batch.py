@@ -4,7 +4,7 @@
 join at any time (`add`: the prompt is prefilled alone, into the row's own cache slot), every `step` drafts
 for all live rows in one drafter call, verifies all their trees in one target forward, and commits each
 row's accepted path; a row that finishes or is cancelled leaves at once. Each row keeps its own committed
-length, stop rules and sampling generator, so a row's output does not depend on which rows it shared
+length, stop rules and sampler, so a row's output does not depend on which rows it shared
 forwards with (greedy rows equal their own plain decoding; sampled rows follow the target's distribution).
 
 Ragged rows share one KV buffer without padding the prompts: row b's tree sits at its own committed length
@@ -250,7 +250,7 @@ class BatchEngine:
             first = (
                 greedy[b]
                 if request.params.greedy
-                else sample(target_probs(logits[b], request.params), request.generator)
+                else sample(target_probs(logits[b], request.params), request.sampler, lengths[b])
             )
             row = _Row(next(self._ids), request, ts, length=lengths[b], root=first)
             if self.drafter is not None:
@@ -425,9 +425,9 @@ class BatchEngine:
                 nodes = greedy_path(tok[b], argmax[b], buf.children)
                 bonus = argmax[b][nodes[-1]]
             elif req.acceptance == "typical":
-                nodes, _, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.generator)
+                nodes, _, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.sampler, starts[b])
             else:
-                nodes, _, bonus = verify_sampling(tokens[b], logits[b], buf, req.params, req.generator)
+                nodes, _, bonus = verify_sampling(tokens[b], logits[b], buf, req.params, req.sampler, starts[b])
             accepted.append(nodes)
             new_tokens.append([tok[b][i] for i in nodes[1:]] + [bonus])
         self.cache.commit(B, starts, accepted)
@@ -493,6 +493,7 @@ class _RootOnly:
         self.retrieve = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.valid = torch.ones(1, 1, dtype=torch.bool, device=device)
         self.children: list[list[int]] = [[]]
+        self.depths = [0]
 
 
 def run_batch(decoder, prompts, options: dict, max_rows: int | None = None) -> Iterator[dict[int, list[int]]]:

@@ -220,9 +220,9 @@ class SpeculativeDecoder(Decoder):
             if params.greedy:
                 nodes, idx, bonus = verify_greedy(tokens, logits, buf)
             elif request.acceptance == "typical":
-                nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.generator)
+                nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.sampler, start)
             else:
-                nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.generator)
+                nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.sampler, start)
             if parts is not None:
                 sync(device)
                 t_verify = time.perf_counter()
@@ -249,4 +249,4 @@ class SpeculativeDecoder(Decoder):
     def _pick(logits: torch.Tensor, request: Request) -> int:
         if request.params.greedy:
             return int(logits.argmax())
-        return sample(target_probs(logits, request.params), request.generator)
+        return sample(target_probs(logits, request.params), request.sampler, len(request.prompt))

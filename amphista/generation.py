@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 from .kv_cache import TreeCache
-from .sampling import SamplingParams
+from .sampling import PositionSampler, SamplingParams
 from .stopping import StopChecker
 from .target import TargetModel
 
@@ -162,7 +162,7 @@ class Request:
     params: SamplingParams
     max_new_tokens: int
     stop: StopChecker
-    generator: torch.Generator | None
+    sampler: PositionSampler | None  # None when decoding greedily
     acceptance: str
 
 
@@ -341,7 +341,7 @@ def _eos_ids(eos_token_id, target: TargetModel) -> list[int]:
         ) from None
 
 
-def _generator(seed, greedy: bool, device) -> torch.Generator | None:
+def _sampler(seed, greedy: bool) -> PositionSampler | None:
     if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
         raise InputError(
             f"seed must be an integer in [-2**63, 2**64 - 1] (torch's range), or None for a random one; "
@@ -349,9 +349,7 @@ def _generator(seed, greedy: bool, device) -> torch.Generator | None:
         )
     if greedy:
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    return generator
+    return PositionSampler(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
 
 
 def build_request(
@@ -380,8 +378,8 @@ def build_request(
     if options.get("tokenizer") is not None:
         tokenizer = options["tokenizer"]
     stop = StopChecker(eos, settings.get("stop_strings"), tokenizer, max_new_tokens)
-    generator = _generator(options.get("seed"), params.greedy, target.device)
-    return Request(prompt, params, max_new_tokens, stop, generator, acceptance)
+    sampler = _sampler(options.get("seed"), params.greedy)
+    return Request(prompt, params, max_new_tokens, stop, sampler, acceptance)
 
 
 _KEYWORDS_DOC = """

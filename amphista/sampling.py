@@ -60,5 +60,45 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): a well-spread 64-bit seed per position, whatever the request seed."""
+    z = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class PositionSampler:
+    """Draws the token at sequence position t from p by inverting p's CDF at a uniform that depends only on
+    (seed, t).
+
+    Plain decoding samples position t with u_t; speculative verification samples each tree node's
+    successor with the u of the position that successor would take, and accepts the child that equals the
+    sample (a drafted token is accepted with probability p(token), exactly as rejection sampling with
+    one-hot drafts would, and each emitted token is p-distributed with a fresh u). So for a given seed the
+    output is the same token for token whatever the tree, the batch or the decoder: `tree="auto"` may
+    change trees between steps and a server may batch a request with any others, and a seed still
+    reproduces the text of plain sampling."""
+
+    def __init__(self, seed: int):
+        self.seed = seed % (1 << 64)
+        self._generator = torch.Generator()
+
+    def uniform(self, position: int) -> float:
+        self._generator.manual_seed(_mix(self.seed, position))
+        return float(torch.rand((), generator=self._generator, dtype=torch.float64))
+
+    def draw(self, probs: torch.Tensor, position: int) -> int:
+        """The token at `position` from probs (V,): the first token whose CDF exceeds u * total."""
+        cdf = probs.double().cumsum(-1)
+        index = int(torch.searchsorted(cdf, self.uniform(position) * cdf[-1], right=True))
+        if index >= probs.shape[-1] or probs[index] <= 0:  # u * total rounded onto the last step: its token
+            index = int(torch.nonzero(probs > 0)[-1])
+        return index
+
+
+def sample(probs: torch.Tensor, sampler: PositionSampler, position: int) -> int:
+    return sampler.draw(probs, position)

@@ -162,6 +162,7 @@ class TreeBuffers:
         self.retrieve = retrieve.to(device)  # (P, D+1)
         self.valid = valid.to(device)  # (P, D+1)
         self.children = children
+        self.depths = depth  # the same as a list: verification walks it on the host
         # Candidate i (1..N-1) is rank p[-1] of head len(p) - 1: its place in the (depth, max_rank + 1) top-k
         # table read row by row, so that the tree's tokens are one gather.
         self.flat = torch.tensor(

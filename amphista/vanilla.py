@@ -46,7 +46,7 @@ class VanillaDecoder(Decoder):
             if params.greedy:
                 tok = int(logits.argmax())
             else:
-                tok = sample(target_probs(logits, params), request.generator)
+                tok = sample(target_probs(logits, params), request.sampler, len(request.prompt) + len(generated))
             sync(device)
             step_times.append(time.perf_counter() - ts)
             emitted, reason = request.stop(generated, [tok])

@@ -3,10 +3,12 @@
 All three rules walk the same tree buffers and return the accepted node indices (root first) and the
 bonus token sampled (or taken greedily) from the target at the last accepted node.
 - greedy: exact; a node is accepted when it equals the target's argmax at its parent, all ancestors too.
-- sampling: lossless tree rejection sampling. Siblings are deterministic top-k candidates, i.e. drafts
-  with a one-hot q, so candidate c is accepted with probability p(c); on rejection p loses c and is
-  renormalised (the residual max(p - q, 0)), and the next sibling is tried. The token finally emitted
-  at each depth is therefore distributed exactly as p.
+- sampling: lossless. At each accepted node the target samples the next position's token itself, with
+  the request's PositionSampler (a uniform keyed by seed and position), and the child drafting that token
+  is accepted; none: the sample is the bonus token. Siblings are deterministic top-k candidates (one-hot
+  drafts), so a candidate is accepted with probability p(candidate), as in rejection sampling, and every
+  emitted token is distributed exactly as p. Because the sample at a position does not depend on the
+  tree, a seed gives the same text as plain sampling.
 - typical: Medusa's typical acceptance (lossy, opt-in): accept c when p(c) > min(eps, alpha * exp(-H(p))).
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingParams, sample, target_probs
+from .sampling import PositionSampler, SamplingParams, sample, target_probs
 from .tree import TreeBuffers
 
 
@@ -60,35 +62,23 @@ def greedy_path(tok: list[int], argmax: list[int], children: list[list[int]]) ->
 
 
 def verify_sampling(
-    tokens: torch.Tensor, logits: torch.Tensor, buf: TreeBuffers, params: SamplingParams, generator
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    buf: TreeBuffers,
+    params: SamplingParams,
+    sampler: PositionSampler,
+    start: int,
 ):
+    """As verify_greedy, with the target's sample at each node (position start + depth + 1) for its argmax."""
     probs = target_probs(logits, params)  # (N, V)
     tok = tokens.tolist()
     node, nodes = 0, [0]
     while True:
-        p = probs[node].clone()
-        accepted = None
-        for child in buf.children[node]:
-            c = tok[child]
-            pc = float(p[c])
-            if pc > 0.0 and float(torch.rand((), generator=generator, device=p.device)) < pc:
-                accepted = child
-                break
-            p[c] = 0.0
-            total = p.sum()
-            if total <= 0:  # p was one-hot on a rejected token: impossible unless p(c) = 1
-                break
-            p /= total
-        if accepted is None:
-            bonus = sample(p, generator)
-            break
-        node = accepted
+        want = sampler.draw(probs[node], start + buf.depths[node] + 1)
+        node = next((c for c in buf.children[node] if tok[c] == want), None)
+        if node is None:
+            return nodes, torch.tensor(nodes, device=tokens.device), want
         nodes.append(node)
-        if not buf.children[node]:
-            bonus = sample(probs[node], generator)
-            break
-    idx = torch.tensor(nodes, device=tokens.device)
-    return nodes, idx, bonus
 
 
 def verify_typical(
@@ -96,7 +86,8 @@ def verify_typical(
     logits: torch.Tensor,
     buf: TreeBuffers,
     params: SamplingParams,
-    generator,
+    sampler: PositionSampler,
+    start: int,
     eps: float = 0.09,
     alpha: float = 0.3,
 ):
@@ -108,4 +99,4 @@ def verify_typical(
     ok = p_tok > threshold[parent]
     ok[0] = True
     nodes, idx = _longest_path(ok, buf, score=p_tok.clamp_min(1e-20).log())
-    return nodes, idx, sample(probs[nodes[-1]], generator)
+    return nodes, idx, sample(probs[nodes[-1]], sampler, start + buf.depths[nodes[-1]] + 1)

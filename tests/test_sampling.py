@@ -103,12 +103,12 @@ def test_the_chi_square_check_catches_a_lossy_verifier(model, monkeypatch):
     """A verifier that accepts every top-1 draft skews the distribution; the same check must reject it."""
     params = SamplingParams(1.0)
 
-    def accept_everything(tokens, logits, buf, params, generator):
+    def accept_everything(tokens, logits, buf, params, sampler, start):
         nodes = [0]
         while buf.children[nodes[-1]]:
             nodes.append(buf.children[nodes[-1]][0])
         probs = target_probs(logits[nodes[-1]], params)
-        return nodes, torch.tensor(nodes), int(torch.multinomial(probs, 1, generator=generator))
+        return nodes, torch.tensor(nodes), sampler.draw(probs, start + len(nodes))
 
     monkeypatch.setattr(verify_mod, "verify_sampling", accept_everything)
     monkeypatch.setattr(amphista.decoder, "verify_sampling", accept_everything)
@@ -176,14 +176,35 @@ def test_batched_sampling_matches_target_distribution(model, kind, monkeypatch):
 def test_the_chi_square_check_catches_a_lossy_verifier_in_batches(model, monkeypatch):
     params = SamplingParams(1.0)
 
-    def accept_everything(tokens, logits, buf, params, generator):
+    def accept_everything(tokens, logits, buf, params, sampler, start):
         nodes = [0]
         while buf.children[nodes[-1]]:
             nodes.append(buf.children[nodes[-1]][0])
         probs = target_probs(logits[nodes[-1]], params)
-        return nodes, torch.tensor(nodes), int(torch.multinomial(probs, 1, generator=generator))
+        return nodes, torch.tensor(nodes), sampler.draw(probs, start + len(nodes))
 
     monkeypatch.setattr(amphista.batch, "verify_sampling", accept_everything)
     dec = amphista.SpeculativeDecoder(model, _good_drafter(model), tree=[[0], [0, 0]])
     counts = _draw_batched(dec, params, 600)
     assert _chi2_pvalue(counts, _exact_joint(model, params), sum(counts.values())) < P_MIN
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.9, top_k=5)])
+def test_a_seed_gives_plain_samplings_text_whatever_the_tree_or_batch(model, params):
+    """The target samples position t with a uniform keyed by (seed, t); a draft is accepted when it is that
+    sample. So speculative, batched and plain sampling agree token for token for one seed."""
+    kw = dict(max_new_tokens=12, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+              eos_token_id=[])  # fmt: skip
+    plain = amphista.VanillaDecoder(model)
+    decoders = [
+        amphista.SpeculativeDecoder(model, _good_drafter(model), tree=[[0], [1], [0, 0]]),
+        amphista.SpeculativeDecoder(model, RandomDrafter(VOCAB, 32, num_heads=3, seed=2), tree="chain"),
+    ]
+    for seed in range(12):
+        ref = plain.generate(PROMPT, seed=seed, **kw).new_tokens
+        for dec in decoders:
+            assert dec.generate(PROMPT, seed=seed, **kw).new_tokens == ref
+    batch = decoders[0].generate_batch([PROMPT, OTHER, PROMPT], seed=40, **kw)  # row i: seed 40 + i
+    assert batch[0].new_tokens == plain.generate(PROMPT, seed=40, **kw).new_tokens
+    assert batch[1].new_tokens == plain.generate(OTHER, seed=41, **kw).new_tokens
+    assert batch[2].new_tokens == plain.generate(PROMPT, seed=42, **kw).new_tokens

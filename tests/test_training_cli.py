@@ -144,7 +144,7 @@ def test_help_shows_defaults(capsys):
         ("train", ["(default: 8)", "(default: amphista)", "bundled stories260K"]),
         ("distill", ["(default: 16)", "(default: 0.7)", "bundled stories260K"]),
         ("heads-accuracy", ["(default: 256)", "(default: 512)", "bundled stories260K"]),
-        ("bench", ["(default: 3)", "(default: 8)"]),
+        ("bench", ["(default: 3)", "(default: 256)"]),
     ]:
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
