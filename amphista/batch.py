@@ -349,10 +349,24 @@ class BatchEngine:
             return sliding
         return {"full_attention": mask, "sliding_attention": sliding}
 
+    # After a run of plain steps a row has many positions the drafter has not seen; catching up on all of them
+    # costs what many drafts do (Amphista, 16 rows x 128 positions: 22 ms against 1.4 ms for a step's draft on
+    # the bundled model). Past this many, the drafter skips to the newest ones.
+    CATCH_UP = 32
+
     def _draft(self, tree: TreeSpec) -> torch.Tensor:
         """(B, depth, k) target ids from every live row's unseen committed positions."""
         device = self.target.device
         rows = self.rows
+        skipped = [b for b, r in enumerate(rows) if len(r.pending_tokens) > self.CATCH_UP]
+        for b in skipped:
+            r = rows[b]
+            cut = len(r.pending_tokens) - self.CATCH_UP
+            r.pending_hidden = [torch.cat(r.pending_hidden)[cut:]]
+            r.pending_tokens = r.pending_tokens[cut:]
+            r.pending_start += cut
+        if skipped:
+            self.drafter.skip_rows(skipped, [rows[b].pending_start for b in skipped])
         n = max(len(r.pending_tokens) for r in rows)
         d = rows[0].pending_hidden[0].shape[-1]
         hidden = torch.zeros(len(rows), n, d, dtype=rows[0].pending_hidden[0].dtype, device=device)

@@ -259,3 +259,27 @@ def test_auto_without_accuracies_says_what_it_needs(bundled):
     accuracies = [[0.6, 0.7], [0.4, 0.5], [0.3, 0.35], [0.2, 0.25]]
     decoder = amphista.SpeculativeDecoder(target, drafter, tree="auto", accuracies=accuracies)
     assert decoder.auto and decoder.tree_policy.max_nodes >= 2
+
+
+def test_trees_after_a_long_plain_stretch_skip_the_drafters_catch_up_and_stay_exact(bundled):
+    from amphista.batch import _UNFORCED
+
+    target, drafters = bundled
+    prompts = _story_prompts(target, 3)
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
+    engine = BatchEngine(decoder, max_rows=3)
+    ids = [engine.add(p, max_new_tokens=90) for p in prompts]
+    engine.forced_tree = None  # plain steps: the drafter falls behind by 40 positions per row
+    for _ in range(40):
+        engine.step()
+    assert all(len(r.pending_tokens) > BatchEngine.CATCH_UP for r in engine.rows)
+    engine.forced_tree = _UNFORCED
+    outputs = {}
+    while engine:
+        for event in engine.step():
+            if event.output is not None:
+                outputs[event.id] = event.output
+    plain = amphista.VanillaDecoder(target)
+    for rid, prompt in zip(ids, prompts):
+        assert outputs[rid].new_tokens == plain.generate(prompt, max_new_tokens=90).new_tokens
+    assert sum(outputs[rid].tau for rid in ids) / 3 > 1.2  # drafts from the skipped-ahead state still land

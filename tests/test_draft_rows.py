@@ -260,3 +260,30 @@ def test_stub_drafters_rule_per_row():
     assert top[:, 0, 1].tolist() == [reference[p + 2] for p in (1, 4, 10)]  # head 0: the truth at rank 1
     assert RandomDrafter(97, 8).draft_rows(h, t, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1]), 2, 5).shape == (3, 2, 5)
     assert oracle.draft_rows(h, t, torch.tensor([2, 5, 11]), torch.tensor([1, 1, 1]), 0, 2) is None
+
+
+@pytest.mark.parametrize("name", ["default", "split", "medusa"])
+def test_skip_rows_forgets_what_came_before(target, name):
+    """A row that skipped to position p drafts as a row that never saw anything before p: the history is
+    neither attended to nor needed."""
+    drafter = make(target, **CONFIGS[name])
+    drafter.reset_rows(2, MAX_LENGTH)
+    g = torch.Generator().manual_seed(3)
+    old = [(torch.randn(9, 32, generator=g), torch.randint(3, 97, (9,), generator=g))] * 2
+    window = [(torch.randn(4, 32, generator=g), torch.randint(3, 97, (4,), generator=g))] * 2
+    with torch.inference_mode():
+        h, t, n = pad(old)
+        drafter._draft_rows_logits(h[:1], t[:1], torch.tensor([0]), n[:1], 0, slice(0, 1))  # slot 0 saw 0..8
+        drafter.skip_rows([0, 1], [12, 12])  # both continue at 12; slot 1 never saw anything
+        h, t, n = pad(window)
+        out = drafter._draft_rows_logits(h, t, torch.tensor([12, 12]), n, 4)
+    torch.testing.assert_close(out[0], out[1], atol=2e-5, rtol=1e-5)
+    with torch.inference_mode():  # and without the skip the history matters (the check could fail)
+        drafter.reset_rows(2, MAX_LENGTH)
+        h, t, n = pad(old)
+        drafter._draft_rows_logits(h[:1], t[:1], torch.tensor([0]), n[:1], 0, slice(0, 1))
+        drafter.skip_rows([1], [9])
+        h, t, n = pad(window)
+        seen = drafter._draft_rows_logits(h, t, torch.tensor([9, 9]), n, 4)
+    if name != "medusa":
+        assert not torch.allclose(seen[0], seen[1], atol=1e-4)

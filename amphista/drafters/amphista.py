@@ -117,6 +117,11 @@ class AmphistaDrafter(HeadDrafter):
             self.sal.grow_rows(max_length, self.device, self.dtype)
 
     @torch.inference_mode()
+    def skip_rows(self, slots: list[int], positions: list[int]) -> None:
+        if self.sal is not None:
+            self.sal.skip_rows(slots, positions)
+
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int) -> None:
         if self.sal is not None:
             self.sal.move_row(src, dst)

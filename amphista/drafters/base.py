@@ -15,6 +15,7 @@ Batched use, B sequences at once (drafters with `supports_rows`), each row with 
     top = drafter.draft_rows(hidden, next_tokens, start, count, depth, k)   # (B, depth, k) target ids
     drafter.move_row(src, dst)                      # slot src's state now lives in slot dst
     drafter.grow_rows(max_length)                   # room for longer rows, every row's state kept
+    drafter.skip_rows(slots, positions)             # those slots forget what came before
 Each row's newly committed positions are left-aligned and padded to a common n: hidden (B, n, d),
 next_tokens (B, n); start and count, (B,) long tensors on the drafter's device, say that row b's real
 entries are positions start[b] .. start[b]+count[b]-1. As in the single path, a start below the row's
@@ -84,6 +85,12 @@ class Drafter(nn.Module):
     def grow_rows(self, max_length: int) -> None:
         """Room for `max_length` committed positions per row, every row's state kept (a longer request
         joined the batch)."""
+        self._no_rows()
+
+    def skip_rows(self, slots: list[int], positions: list[int]) -> None:
+        """Slot slots[i] forgets every position before positions[i]; its next draft_rows starts there. The
+        engine skips a row's history when plain steps left more of it unseen than is worth catching up on;
+        drafts from a shorter history may be worse, never wrong (verification decides)."""
         self._no_rows()
 
     def move_row(self, src: int, dst: int) -> None:

@@ -46,6 +46,9 @@ class MedusaDrafter(HeadDrafter):
     def grow_rows(self, max_length: int) -> None:
         """Nothing to grow: Medusa keeps no state."""
 
+    def skip_rows(self, slots: list[int], positions: list[int]) -> None:
+        """Nothing to forget: Medusa keeps no state."""
+
     def move_row(self, src: int, dst: int) -> None:
         """Nothing to move: Medusa keeps no state."""
 

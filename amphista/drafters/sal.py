@@ -52,6 +52,7 @@ class StagedAdaptation(nn.Module):
         # Batched decoding, see reset_rows.
         self.capacity = self.rows_max_length = 0
         self.row_lengths: torch.Tensor | None = None  # (capacity,) committed positions per slot
+        self.row_first: torch.Tensor | None = None  # (capacity,) first position a slot's queries may see
         self._row_positions = self._row_rope = self._row_bias = None
 
     @property
@@ -117,13 +118,14 @@ class StagedAdaptation(nn.Module):
         self._row_bias = torch.tensor([0.0, float("-inf")], device=device, dtype=dtype).unbind()
         self.capacity, self.rows_max_length = capacity, max_length
         self.row_lengths = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.row_first = torch.zeros(capacity, dtype=torch.long, device=device)
 
     def grow_rows(self, max_length: int, device, dtype) -> None:
         """Room for `max_length` positions per row, keeping every row's committed entries."""
         if max_length <= self.rows_max_length:
             return
         old = [layer.attn.row_cache for layer in self.layers]
-        lengths = self.row_lengths
+        lengths, first = self.row_lengths, self.row_first
         for layer in self.layers:
             layer.attn.row_cache = None
         self.reset_rows(self.capacity, max_length, device, dtype)
@@ -131,12 +133,21 @@ class StagedAdaptation(nn.Module):
             keep = cache.shape[3] - 1  # not the old spare position
             layer.attn.row_cache[:, : self.capacity, :, :keep] = cache[:, : self.capacity, :, :keep]
         self.row_lengths.copy_(lengths)
+        self.row_first.copy_(first)
 
     def move_row(self, src: int, dst: int) -> None:
         for layer in self.layers:
             cache = layer.attn.row_cache
             cache[:, dst].copy_(cache[:, src])
         self.row_lengths[dst] = self.row_lengths[src]
+        self.row_first[dst] = self.row_first[src]
+
+    def skip_rows(self, slots: list[int], positions: list[int]) -> None:
+        """Slot slots[i] forgets every position before positions[i] and continues from there."""
+        index = torch.tensor(slots, device=self.row_lengths.device)
+        at = torch.tensor(positions, device=self.row_lengths.device)
+        self.row_lengths[index] = at
+        self.row_first[index] = at
 
     def step_rows(self, h, e, start, count, rows: slice) -> torch.Tensor:
         """Batched decoding: append row b's positions start[b] .. start[b]+count[b]-1 (h, e (B, n, d), the
@@ -178,11 +189,12 @@ class StagedAdaptation(nn.Module):
         # Additive masks, made once per step (SDPA would turn a boolean one into this in every layer): causal
         # by position, and padding, at the spare position, sees anything.
         keys, (zero, blocked) = self._row_positions[:high], self._row_bias
-        mask = torch.where(keys <= wpos[:, None, :, None], zero, blocked)  # (B, 1, n, high)
+        first = self.row_first[rows][:, None, None, None]  # what a skip left behind is not attended to
+        mask = torch.where((keys <= wpos[:, None, :, None]) & (keys >= first), zero, blocked)  # (B, 1, n, high)
         last = count - 1
         last_mask = None
         if not split:  # the last stage's queries: each row's last real position only
-            last_mask = torch.where(keys <= (end - 1)[:, None, None, None], zero, blocked)  # (B, 1, 1, high)
+            last_mask = torch.where((keys <= (end - 1)[:, None, None, None]) & (keys >= first), zero, blocked)
         kv = [layer.attn.row_cache[:, rows] for layer in self.layers]
         lengths.copy_(end)  # a start below the length rewrites those positions: a free rollback
         x = F.linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, n, w)

@@ -36,6 +36,9 @@ class _Stub(Drafter):
     def grow_rows(self, max_length: int) -> None:
         """Nothing to grow: the rule reads positions only."""
 
+    def skip_rows(self, slots: list[int], positions: list[int]) -> None:
+        """Nothing to forget: the rule reads positions only."""
+
     def move_row(self, src: int, dst: int) -> None:
         """Nothing to move: the rule reads positions only."""
 
