@@ -28,7 +28,7 @@ import torch
 from .errors import InputError
 from .files import atomic_write_json
 from .sources import CACHE_ENV, cache_dir
-from .tree import HeadAccuracy, TreeSpec, build_tree, expected_tau
+from .tree import HeadAccuracy, TreeSpec, accepted_by_depth, build_tree
 
 OVERRIDE_ENV = "AMPHISTA_COST_MODEL"  # a cost-model JSON file used instead of the cache
 ROWS = (1, 2, 4, 8, 16)
@@ -295,6 +295,26 @@ class Candidate(NamedTuple):
     nodes: int  # tokens verified per row, root included; 1 = plain decoding
     tree: TreeSpec | None
     tau: float  # expected committed tokens per step
+    by_depth: tuple[float, ...] = ()  # expected accepted drafts at depth 1, 2, ... (tau = 1 + their sum)
+
+    def tau_at(self, gain: float) -> float:
+        """tau when each level of the tree is accepted `gain` times as often as the level above promises:
+        gain**d scales depth d (a drafter worse on this text than on its evaluation data loses most deep)."""
+        return 1.0 + sum(v * gain ** (d + 1) for d, v in enumerate(self.by_depth))
+
+
+def _solve_gain(candidate: Candidate, accepted: float) -> float:
+    """The gain in [0, 2] at which `candidate` expects `accepted` drafts per step (bisection: monotone)."""
+    low, high = 0.0, 2.0
+    if candidate.tau_at(high) - 1.0 <= accepted:
+        return high
+    for _ in range(30):
+        mid = 0.5 * (low + high)
+        if candidate.tau_at(mid) - 1.0 < accepted:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
 
 
 def _bucket(rows: int) -> int:
@@ -318,6 +338,7 @@ class TreePolicy:
     # ragged tail of few-row steps eats about 20% of a 16-row batch's time on the bundled model: a smaller
     # predicted gain is not a gain.
     MARGIN = 0.25
+    SINGLE_MARGIN = 0.05  # one row has no ragged tail: only noise to guard against
     GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
     GAIN_PRIOR = 5  # the accuracies' promise counts as this many observed steps
 
@@ -333,7 +354,8 @@ class TreePolicy:
                 break
             tree = build_tree(acc, n)
             if tree.num_nodes > self.candidates[-1].nodes:  # fewer nodes than asked: the tree is exhausted
-                self.candidates.append(Candidate(tree.num_nodes, tree, expected_tau(tree, acc)))
+                by_depth = tuple(accepted_by_depth(tree, acc))
+                self.candidates.append(Candidate(tree.num_nodes, tree, 1.0 + sum(by_depth), by_depth))
         self._index = {c.nodes: i for i, c in enumerate(self.candidates)}
         self.max_nodes = self.candidates[-1].nodes  # cache slots a step may need beyond a row's length
         # (rows bucket, nodes) -> moving average of log(measured / predicted step time)
@@ -354,7 +376,7 @@ class TreePolicy:
         """Predicted committed tokens per second of each candidate, corrected by observations."""
         bucket = _bucket(rows)
         return [
-            rows * (1.0 + self.gain * (c.tau - 1.0)) / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
+            rows * c.tau_at(self.gain) / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
             for c, s in zip(self.candidates, self._predicted(rows))
         ]
 
@@ -362,13 +384,14 @@ class TreePolicy:
         choice = self._choice.get(rows)
         if choice is None:
             rates, best = self._rates(rows), 0
+            margin = self.MARGIN if rows > 1 else self.SINGLE_MARGIN
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
             # beat plain decoding by MARGIN (see there).
             for i in range(1, len(rates)):
                 if (
                     self.candidates[i].tau > 1.0
                     and rates[i] > rates[best]
-                    and rates[i] > rates[0] * (1.0 + self.MARGIN)
+                    and rates[i] > rates[0] * (1.0 + margin)
                 ):
                     best = i
             choice = self._choice[rows] = self.candidates[best]
@@ -393,16 +416,16 @@ class TreePolicy:
         too little for every tree alike)."""
         if seconds <= 0 or nodes not in self._index:
             return
-        expected = self.candidates[self._index[nodes]].tau
-        if tokens is not None and expected > 1.0:
-            # Drafts accepted less (or more) often than the accuracies promise: every tree's gain over one
-            # token scales alike, as one drafter makes them all.
-            observed = max(float(tokens) - 1.0, 0.0) / (expected - 1.0)
-            # A plain mean over the first steps (with the accuracies' promise counted as a few of them), a
-            # moving average after: the first answer already corrects a promise that was off.
+        candidate = self.candidates[self._index[nodes]]
+        if tokens is not None and candidate.tau > 1.0:
+            # Drafts accepted less (or more) often than the accuracies promise: the per-level gain that
+            # explains this step, averaged -- a plain mean over the first steps (the accuracies' promise
+            # counted as a few of them), a moving average after: the first answer already corrects a promise
+            # that was off.
+            observed = _solve_gain(candidate, max(float(tokens) - 1.0, 0.0))
             self._gain_steps += 1
             alpha = max(self.GAIN_ALPHA, 1.0 / (self._gain_steps + self.GAIN_PRIOR))
-            self.gain += alpha * (min(observed, 2.0) - self.gain)
+            self.gain += alpha * (observed - self.gain)
             self._choice.clear()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)

@@ -237,11 +237,20 @@ def build_tree(topk_acc: list[list[float]], num_nodes: int) -> TreeSpec:
 def expected_tau(tree: TreeSpec, topk_acc: list[list[float]]) -> float:
     """Expected tokens per step (bonus included) of `tree`, from measured path frequencies when `topk_acc`
     has them, else under independent heads."""
+    return 1.0 + sum(accepted_by_depth(tree, topk_acc))
+
+
+def accepted_by_depth(tree: TreeSpec, topk_acc: list[list[float]]) -> list[float]:
+    """Expected accepted drafts of `tree` at depth 1, 2, ...: the chance that some node of that depth is
+    accepted (its nodes exclude each other). Their sum plus the bonus token is `expected_tau`."""
     _, value = _node_values(topk_acc)
     values = {(): 1.0}
     for path in tree.paths:  # parents come first
         values[path] = value(path, values[path[:-1]])
-    return sum(values.values())
+    by_depth = [0.0] * tree.depth
+    for path in tree.paths:
+        by_depth[len(path) - 1] += values[path]
+    return by_depth
 
 
 def load_accuracies(path: str | os.PathLike, greedy: bool = False) -> HeadAccuracy:

@@ -237,3 +237,22 @@ def test_cost_key():
     assert cost_key(cfg.to_dict(), torch.float32, "cpu", {"heads": 4, "type": "medusa"}) == key
     other = cost_key(cfg, torch.float32, "cpu", {"type": "medusa", "heads": 5})
     assert other["drafter"] != key["drafter"] and cache_path(other) != cache_path(key)
+
+
+def test_observed_acceptance_shrinks_deep_levels_most_and_moves_the_choice():
+    def tree_cost(rows, tokens):  # a fixed step, plus a tree surcharge that grows with its size
+        return 1e-2 + (2e-3 + 2e-4 * tokens if tokens > 1 else 0.0)
+
+    policy = TreePolicy(model(tree_cost), GOOD)
+    big = policy.choose(1)
+    candidate = next(c for c in policy.candidates if c.tree == big)
+    assert candidate.tau_at(1.0) == pytest.approx(candidate.tau) and candidate.tau_at(0.0) == 1.0
+    assert sum(candidate.by_depth) == pytest.approx(candidate.tau - 1.0)
+    for _ in range(30):  # the drafter is right far less often on this text than its accuracies promise
+        policy.observe(1, big.num_nodes, tree_cost(1, big.num_nodes), 1.3)
+    assert policy.gain < 0.7
+    small = policy.choose(1)
+    assert small is not None and small.num_nodes < big.num_nodes  # a small tree still pays, a big one less
+    for _ in range(60):  # and hardly ever right: plain decoding
+        policy.observe(1, small.num_nodes, tree_cost(1, small.num_nodes), 1.0)
+    assert policy.choose(1) is None
