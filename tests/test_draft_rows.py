@@ -287,3 +287,19 @@ def test_skip_rows_forgets_what_came_before(target, name):
         seen = drafter._draft_rows_logits(h, t, torch.tensor([9, 9]), n, 4)
     if name != "medusa":
         assert not torch.allclose(seen[0], seen[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("buffer", ["reused", "fresh"])
+def test_grow_rows_keeps_every_rows_state(target, buffer):
+    """grow_rows after a small reset_rows: whether the buffer is one kept from a longer batch or must be
+    reallocated, the rows continue as if they had had the room from the start."""
+    drafter = make(target, **CONFIGS["default"])
+    if buffer == "reused":
+        drafter.reset_rows(2, 4 * MAX_LENGTH)  # leaves a long buffer behind
+    run = Harness(drafter, capacity=2)  # reset_rows(2, MAX_LENGTH)
+    drafter.reset_rows(2, 12)
+    run.step([5, 3])
+    drafter.grow_rows(MAX_LENGTH)
+    run.step([4, 6])
+    run.step([2, 1])
+    assert run.check() == 3 * 2

@@ -124,6 +124,9 @@ class StagedAdaptation(nn.Module):
         """Room for `max_length` positions per row, keeping every row's committed entries."""
         if max_length <= self.rows_max_length:
             return
+        if self.layers[0].attn.row_cache.shape[3] > max_length:  # kept from a longer batch: room already
+            self.rows_max_length = max_length
+            return
         old = [layer.attn.row_cache for layer in self.layers]
         lengths, first = self.row_lengths, self.row_first
         for layer in self.layers:
