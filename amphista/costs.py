@@ -365,6 +365,7 @@ class TreePolicy:
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
         self.gain = 1.0
         self._gain_steps = 0
+        self._observed = self._promised = 0.0  # means of accepted / promised drafts per step (see observe)
 
     def _predicted(self, rows: int) -> list[float]:
         base = self._base.get(rows)
@@ -418,14 +419,19 @@ class TreePolicy:
             return
         candidate = self.candidates[self._index[nodes]]
         if tokens is not None and candidate.tau > 1.0:
-            # Drafts accepted less (or more) often than the accuracies promise: the per-level gain that
-            # explains this step, averaged -- a plain mean over the first steps (the accuracies' promise
-            # counted as a few of them), a moving average after: the first answer already corrects a promise
-            # that was off.
-            observed = _solve_gain(candidate, max(float(tokens) - 1.0, 0.0))
+            # Drafts accepted less (or more) often than the accuracies promise. The means are plain over the
+            # first steps, moving averages after: the first answer already corrects a promise that was off.
+            # Means of observed and promised accepted drafts, then the gain at which the tree just used would
+            # promise their ratio: a ratio of means, as one step's 0..depth accepted drafts is too coarse a
+            # measure to invert on its own.
+            if self._gain_steps == 0:  # the accuracies' promise, as if observed GAIN_PRIOR times
+                self._observed = self._promised = candidate.tau - 1.0
             self._gain_steps += 1
             alpha = max(self.GAIN_ALPHA, 1.0 / (self._gain_steps + self.GAIN_PRIOR))
-            self.gain += alpha * (observed - self.gain)
+            self._observed += alpha * (max(float(tokens) - 1.0, 0.0) - self._observed)
+            self._promised += alpha * ((candidate.tau - 1.0) - self._promised)
+            ratio = self._observed / self._promised if self._promised > 0 else 1.0
+            self.gain = _solve_gain(candidate, ratio * (candidate.tau - 1.0))
             self._choice.clear()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
