@@ -445,7 +445,9 @@ class BatchEngine:
             accepted.append(nodes)
             new_tokens.append([tok[b][i] for i in nodes[1:]] + [bonus])
         self.cache.commit(B, starts, accepted)
-        if self.drafter is not None:
+        if self.drafter is not None and tree is None:
+            kept = out.hidden  # plain step: every row kept its root, node 0
+        elif self.drafter is not None:
             # Every row's accepted hidden states in one gather; row b's are its first len(nodes[b]).
             width = max(map(len, accepted))
             index = torch.tensor([n + [n[-1]] * (width - len(n)) for n in accepted], device=device)

@@ -339,6 +339,10 @@ class TreePolicy:
     # predicted gain is not a gain.
     MARGIN = 0.25
     SINGLE_MARGIN = 0.05  # one row has no ragged tail: only noise to guard against
+    # Once plain decoding is chosen for a row count, a tree must beat it by this much more: the first tree
+    # step after plain ones drafts from every position the drafter has not seen (up to BatchEngine.CATCH_UP),
+    # and a policy flipping on noise would pay that again and again.
+    SWITCH = 0.15
     GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
     GAIN_PRIOR = 5  # the accuracies' promise counts as this many observed steps
 
@@ -362,6 +366,7 @@ class TreePolicy:
         self._log_ratio: dict[tuple[int, int], float] = {}
         self._base: dict[int, list[float]] = {}  # rows -> predicted step seconds per candidate
         self._choice: dict[int, Candidate] = {}
+        self._plain: dict[int, bool] = {}  # rows -> plain decoding was the latest choice
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
         self.gain = 1.0
         self._gain_steps = 0
@@ -386,6 +391,8 @@ class TreePolicy:
         if choice is None:
             rates, best = self._rates(rows), 0
             margin = self.MARGIN if rows > 1 else self.SINGLE_MARGIN
+            if self._plain.get(rows):  # leaving plain decoding costs a catch-up draft: no flapping
+                margin += self.SWITCH
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
             # beat plain decoding by MARGIN (see there).
             for i in range(1, len(rates)):
@@ -396,6 +403,7 @@ class TreePolicy:
                 ):
                     best = i
             choice = self._choice[rows] = self.candidates[best]
+            self._plain[rows] = best == 0
         return choice
 
     def choose(self, rows: int) -> TreeSpec | None:
