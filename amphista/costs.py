@@ -339,10 +339,11 @@ class TreePolicy:
     # predicted gain is not a gain.
     MARGIN = 0.25
     SINGLE_MARGIN = 0.05  # one row has no ragged tail: only noise to guard against
-    # Once plain decoding is chosen for a row count, a tree must beat it by this much more: the first tree
+    # After a plain step, a tree must beat plain decoding by this much more, whatever the row count: the first tree
     # step after plain ones drafts from every position the drafter has not seen (up to BatchEngine.CATCH_UP),
     # and a policy flipping on noise would pay that again and again.
     SWITCH = 0.15
+    REVISIT = 8  # observations between two rankings of the candidates
     GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
     GAIN_PRIOR = 5  # the accuracies' promise counts as this many observed steps
 
@@ -366,7 +367,8 @@ class TreePolicy:
         self._log_ratio: dict[tuple[int, int], float] = {}
         self._base: dict[int, list[float]] = {}  # rows -> predicted step seconds per candidate
         self._choice: dict[int, Candidate] = {}
-        self._plain: dict[int, bool] = {}  # rows -> plain decoding was the latest choice
+        self._was_plain = False  # the latest step decoded plainly (its drafter fell behind)
+        self._observations = 0
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
         self.gain = 1.0
         self._gain_steps = 0
@@ -391,7 +393,7 @@ class TreePolicy:
         if choice is None:
             rates, best = self._rates(rows), 0
             margin = self.MARGIN if rows > 1 else self.SINGLE_MARGIN
-            if self._plain.get(rows):  # leaving plain decoding costs a catch-up draft: no flapping
+            if self._was_plain:  # leaving plain decoding costs a catch-up draft: no flapping
                 margin += self.SWITCH
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
             # beat plain decoding by MARGIN (see there).
@@ -403,12 +405,15 @@ class TreePolicy:
                 ):
                     best = i
             choice = self._choice[rows] = self.candidates[best]
-            self._plain[rows] = best == 0
         return choice
 
     def choose(self, rows: int) -> TreeSpec | None:
         """The tree for a step with `rows` live rows, or None for plain decoding."""
-        return self._best(rows).tree
+        tree = self._best(rows).tree
+        if (tree is None) != self._was_plain:  # the switch margin changed: choices made under it are stale
+            self._was_plain = tree is None
+            self._choice.clear()
+        return tree
 
     def observe(self, rows: int, nodes: int, seconds: float, tokens: float | None = None) -> None:
         """Feed back a measured step time, so that a calibration that is off (another process on the cores,
@@ -440,7 +445,6 @@ class TreePolicy:
             self._promised += alpha * ((candidate.tau - 1.0) - self._promised)
             ratio = self._observed / self._promised if self._promised > 0 else 1.0
             self.gain = _solve_gain(candidate, ratio * (candidate.tau - 1.0))
-            self._choice.clear()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
         for c in self.candidates:
@@ -450,8 +454,11 @@ class TreePolicy:
                 self._log_ratio[(bucket, c.nodes)] = log_ratio + self.ALPHA * step
             elif log_ratio:
                 self._log_ratio[(bucket, c.nodes)] = log_ratio * (1.0 - self.FORGET)
-        for r in [r for r in self._choice if _bucket(r) == bucket]:
-            del self._choice[r]
+        # Choose again every REVISIT observations, not after each: one step moves the averages a few percent
+        # at most, and re-ranking every candidate costs ~2% of a 16-row step of the bundled model.
+        self._observations += 1
+        if self._observations % self.REVISIT == 0:
+            self._choice.clear()
 
     def table(self, rows_list=ROWS) -> list[dict]:
         """Per row count: the chosen size, its expected tau and predicted tokens/s, and plain decoding's."""
