@@ -411,16 +411,22 @@ class BatchEngine:
             tokens = roots
         starts = [r.length for r in rows]
         start = torch.tensor(starts, device=device)
-        positions = start[:, None] + buf.depth[None]  # (B, N)
         kv_end = max(starts) + N
-        rel = torch.arange(kv_end, device=device)[None] - start[:, None]  # (B, kv)
-        in_tree = (rel >= 0) & (rel < N)
-        ancestors = buf.mask[:, rel.clamp(0, N - 1)].permute(1, 0, 2)  # (B, N, kv)
-        allowed = (rel < 0)[:, None, :] | (in_tree[:, None, :] & ancestors)
-        mask = torch.zeros(B, 1, N, kv_end, dtype=target.dtype, device=device)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(target.dtype).min)
-        # Node j of row b sits in cache slot start_b + j (commit expects that order); its position is its depth.
-        slots = start[:, None] + torch.arange(N, device=device)[None]
+        cols = torch.arange(kv_end, device=device)[None]  # (1, kv)
+        if tree is None:  # plain: each row's token sees its prefix and itself; four ops, not a tree's ten
+            positions = slots = start[:, None]  # (B, 1)
+            mask = torch.where(cols <= positions, 0.0, torch.finfo(target.dtype).min).to(target.dtype)
+            mask = mask[:, None, None, :]  # (B, 1, 1, kv)
+        else:
+            positions = start[:, None] + buf.depth[None]  # (B, N)
+            rel = cols - start[:, None]  # (B, kv)
+            in_tree = (rel >= 0) & (rel < N)
+            ancestors = buf.mask[:, rel.clamp(0, N - 1)].permute(1, 0, 2)  # (B, N, kv)
+            allowed = (rel < 0)[:, None, :] | (in_tree[:, None, :] & ancestors)
+            mask = torch.zeros(B, 1, N, kv_end, dtype=target.dtype, device=device)
+            mask.masked_fill_(~allowed[:, None], torch.finfo(target.dtype).min)
+            # Node j of row b sits in cache slot start_b + j (commit expects that order); its position, its depth.
+            slots = start[:, None] + torch.arange(N, device=device)[None]
         self.cache.prepare(slice(0, B), slots, kv_end)
         out = target.forward(
             tokens,
