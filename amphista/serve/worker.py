@@ -80,6 +80,7 @@ class Worker:
                 max_batch_size = 1
         self.max_batch_size = max_batch_size
         self.rows = 0  # sequences being decoded now, for /metrics
+        self.admitting = 0  # jobs taken from the queue whose prefill is running
         self.busy_since = 0.0  # when the latest decode pass ended, or the worker woke up
 
     @property
@@ -195,27 +196,52 @@ class Worker:
                 self.rows = len(self.engine)
 
     def _admit_waiting(self, live: dict[int, _Row], block: bool) -> bool:
-        """Admit queued jobs while rows are free, first waiting for one when `block` (the worker is idle).
-        False once the stop sentinel came: the rows already admitted finish, nothing more joins."""
-        while len(self.engine) < self.max_batch_size:
+        """Admit queued jobs while rows are free, first waiting for one when `block` (the worker is idle);
+        the jobs taken together are prefilled in one forward. False once the stop sentinel came: the rows
+        already admitted finish, nothing more joins."""
+        joining: list[tuple[Job, object]] = []
+        accepting = True
+        while len(self.engine) + len(joining) < self.max_batch_size:
             try:
                 job = self.jobs.get(block=block)
             except queue.Empty:
-                return True
+                break
             if block:
                 self.busy_since, block = time.perf_counter(), False
             if job is None:
-                return False
+                accepting = False
+                break
             if job.cancelled.is_set():  # the client left while queued
                 self.metrics.finish("cancelled", started=False)
                 continue
             self.metrics.started(len(job.prompt))
-            t0 = time.perf_counter()
             try:
-                live[self.engine.add(job.prompt, **job.kwargs)] = _Row(job, t0)  # prefills now
-            except Exception as e:  # a bad request, or its prefill failed: the live rows are untouched
-                self._fail(job, e, 0, time.perf_counter() - t0)
-        return True
+                joining.append((job, self.decoder._request(job.prompt, job.kwargs, "stream")))
+            except Exception as e:  # a bad request fails alone, before anything is prefilled
+                self._fail(job, e, 0, 0.0)
+        if joining:
+            self.admitting = len(joining)
+            try:
+                self._prefill(live, joining)
+            finally:
+                self.admitting = 0
+        return accepting
+
+    def _prefill(self, live: dict[int, _Row], joining: list) -> None:
+        """Prefill jobs together; when that fails, one at a time, so that a failing prompt fails alone. The
+        live rows are untouched either way."""
+        t0 = time.perf_counter()
+        try:
+            ids = self.engine.add_requests([request for _, request in joining])
+        except Exception as e:
+            if len(joining) == 1:
+                self._fail(joining[0][0], e, 0, time.perf_counter() - t0)
+            else:
+                for pair in joining:
+                    self._prefill(live, [pair])
+            return
+        for (job, _), rid in zip(joining, ids):
+            live[rid] = _Row(job, t0)
 
     def _step(self, live: dict[int, _Row]) -> int:
         """One target forward for every live row; route the events; drop rows whose client left. Returns
