@@ -199,6 +199,20 @@ class Worker:
         """Admit queued jobs while rows are free, first waiting for one when `block` (the worker is idle);
         the jobs taken together are prefilled in one forward. False once the stop sentinel came: the rows
         already admitted finish, nothing more joins."""
+        while True:  # jobs that queued during a prefill join before the next step too
+            joining, accepting = self._take(block)
+            if joining:
+                self.admitting = len(joining)
+                try:
+                    self._prefill(live, joining)
+                finally:
+                    self.admitting = 0
+            if not joining or not accepting:
+                return accepting
+            block = False
+
+    def _take(self, block: bool) -> tuple[list, bool]:
+        """(queued jobs for the free rows, each with its checked request; False once the stop sentinel came)."""
         joining: list[tuple[Job, object]] = []
         accepting = True
         while len(self.engine) + len(joining) < self.max_batch_size:
@@ -219,13 +233,7 @@ class Worker:
                 joining.append((job, self.decoder._request(job.prompt, job.kwargs, "stream")))
             except Exception as e:  # a bad request fails alone, before anything is prefilled
                 self._fail(job, e, 0, 0.0)
-        if joining:
-            self.admitting = len(joining)
-            try:
-                self._prefill(live, joining)
-            finally:
-                self.admitting = 0
-        return accepting
+        return joining, accepting
 
     def _prefill(self, live: dict[int, _Row], joining: list) -> None:
         """Prefill jobs together; when that fails, one at a time, so that a failing prompt fails alone. The
