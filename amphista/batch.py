@@ -227,7 +227,9 @@ class BatchEngine:
             if self.drafter is not None:
                 self.drafter.reset_rows(self.max_rows, size)
         elif need > self.cache.max_len:
-            self._grow(max(need, 2 * self.cache.max_len))
+            # Doubling spares the next longer request a copy; never past what the context window can use.
+            window = (target.max_context or need) + tree_slots(self.decoder)
+            self._grow(max(need, min(2 * self.cache.max_len, window)))
         first_slot, n, t = len(self.rows), len(requests), longest
         ts = time.perf_counter()
         lengths = [len(r.prompt) for r in requests]
@@ -442,7 +444,7 @@ class BatchEngine:
         for b, r in enumerate(rows):
             req = r.request
             if req.params.greedy:
-                nodes = greedy_path(tok[b], argmax[b], buf.children)
+                nodes = greedy_path(tok[b], argmax[b], buf.children) if tree is not None else [0]
                 bonus = argmax[b][nodes[-1]]
             elif req.acceptance == "typical":
                 nodes, _, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.sampler, starts[b])
