@@ -50,7 +50,7 @@ def resolve_drafter(spec: str, target: str | None, tmp: str) -> tuple[str, str]:
         from amphista.errors import CheckpointError
 
         try:
-            return spec, str(bundled.default_drafter_path(spec))
+            return spec, str(bundled.default_drafter_path(spec, target))  # the drafter shipped for the target
         except CheckpointError:
             import amphista
 
