@@ -1,11 +1,14 @@
 """Many sequences at once: one target forward verifies the trees of every live row.
 
 `BatchEngine` is the loop behind `generate_batch`, `stream_batch` and the server's continuous batching. Rows
-join at any time (`add`: the prompt is prefilled alone, into the row's own cache slot), every `step` drafts
+join at any time (`add`, `add_requests`: prompts that join together are prefilled in one right-padded
+forward, each into its own cache slot), every `step` drafts
 for all live rows in one drafter call, verifies all their trees in one target forward, and commits each
 row's accepted path; a row that finishes or is cancelled leaves at once. Each row keeps its own committed
 length, stop rules and sampler, so a row's output does not depend on which rows it shared
-forwards with (greedy rows equal their own plain decoding; sampled rows follow the target's distribution).
+forwards with (greedy rows equal their own plain decoding; sampled rows follow the target's distribution,
+with the same text as plain sampling for the same seed, up to float rounding). With tree="auto" each step's
+tree (or none: plain decoding) comes from the decoder's TreePolicy for the number of live rows.
 
 Ragged rows share one KV buffer without padding the prompts: row b's tree sits at its own committed length
 L_b, written by position index, and the 4D mask lets each query see only its row's committed prefix and
