@@ -147,6 +147,7 @@ class _Row:
     pending_hidden: list[torch.Tensor] = field(default_factory=list)
     pending_tokens: list[int] = field(default_factory=list)
     pending_start: int = 0
+    plain_steps: int = 0  # steps since the drafter last saw this row
 
 
 class BatchEngine:
@@ -259,12 +260,11 @@ class BatchEngine:
             )
             row = _Row(next(self._ids), request, ts, length=lengths[b], root=first)
             if self.drafter is not None:
-                # The first step drafts from the prompt's last position; the ones before it go in now.
-                row.pending_hidden, row.pending_tokens = [out.hidden[b, lengths[b] - 1 : lengths[b]]], [first]
-                row.pending_start = lengths[b] - 1
+                # The drafter reads the prompt at the row's first tree step, not now: where plain decoding is
+                # chosen (many rows, a weak drafter) it never has to.
+                row.pending_hidden = [out.hidden[b, : lengths[b]]]
+                row.pending_tokens = request.prompt[1:] + [first]
             rows.append(row)
-        if self.drafter is not None:
-            self._absorb_prompts(out.hidden, requests, first_slot)
         sync(device)
         seconds = time.perf_counter() - ts
         self.rows.extend(rows)
@@ -278,35 +278,6 @@ class BatchEngine:
                 self._early.append(RowEvent(row.id, row.unreported, self._output(row)))
                 self._remove(slot)
         return [row.id for row in rows]
-
-    def _absorb_prompts(self, hidden: torch.Tensor, requests: list[Request], first_slot: int) -> None:
-        """Give the drafter every prompt position but the last, each with the token after it; rows are
-        taken in runs of consecutive slots, as one-token prompts have nothing to give."""
-        device = hidden.device
-        counts = [len(r.prompt) - 1 for r in requests]
-        b = 0
-        while b < len(requests):
-            if counts[b] == 0:
-                b += 1
-                continue
-            end = b
-            while end < len(requests) and counts[end] > 0:
-                end += 1
-            width = max(counts[b:end])
-            tokens = torch.tensor(
-                [r.prompt[1 : 1 + width] + [0] * (width - c) for r, c in zip(requests[b:end], counts[b:end])],
-                device=device,
-            )
-            self.drafter.draft_rows(
-                hidden[b:end, :width],
-                tokens,
-                torch.zeros(end - b, dtype=torch.long, device=device),
-                torch.tensor(counts[b:end], device=device),
-                0,
-                0,
-                rows=slice(first_slot + b, first_slot + end),
-            )
-            b = end
 
     @torch.inference_mode()
     def cancel(self, row_id: int) -> bool:
@@ -356,14 +327,15 @@ class BatchEngine:
 
     # After a run of plain steps a row has many positions the drafter has not seen; catching up on all of them
     # costs what many drafts do (Amphista, 16 rows x 128 positions: 22 ms against 1.4 ms for a step's draft on
-    # the bundled model). Past this many, the drafter skips to the newest ones.
+    # the bundled model). After more plain steps than this, the drafter skips to the newest this many (a row's
+    # prompt, read at its first tree step, is read whole).
     CATCH_UP = 32
 
     def _draft(self, tree: TreeSpec) -> torch.Tensor:
         """(B, depth, k) target ids from every live row's unseen committed positions."""
         device = self.target.device
         rows = self.rows
-        skipped = [b for b, r in enumerate(rows) if len(r.pending_tokens) > self.CATCH_UP]
+        skipped = [b for b, r in enumerate(rows) if r.plain_steps > self.CATCH_UP]
         for b in skipped:
             r = rows[b]
             cut = len(r.pending_tokens) - self.CATCH_UP
@@ -386,7 +358,7 @@ class BatchEngine:
             hidden, tokens, start, count, tree.depth, tree.max_rank + 1, rows=slice(0, len(rows))
         )
         for r in rows:
-            r.pending_hidden, r.pending_tokens = [], []
+            r.pending_hidden, r.pending_tokens, r.plain_steps = [], [], 0
         return top
 
     @torch.inference_mode()
@@ -468,6 +440,7 @@ class BatchEngine:
         finished = []
         for b, (r, nodes, new) in enumerate(zip(rows, accepted, new_tokens)):
             if self.drafter is not None:
+                r.plain_steps += tree is None
                 if not r.pending_tokens:
                     r.pending_start = r.length
                 r.pending_hidden.append(kept[b, : len(nodes)])

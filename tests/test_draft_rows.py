@@ -303,3 +303,16 @@ def test_grow_rows_keeps_every_rows_state(target, buffer):
     run.step([4, 6])
     run.step([2, 1])
     assert run.check() == 3 * 2
+
+
+def test_a_slot_reused_after_a_skip_starts_afresh(target):
+    """A new sequence in a slot whose previous one skipped ahead sees its own positions from 0."""
+    drafter = make(target, **CONFIGS["default"])
+    drafter.reset_rows(2, MAX_LENGTH)
+    g = torch.Generator().manual_seed(5)
+    chunk = [(torch.randn(6, 32, generator=g), torch.randint(3, 97, (6,), generator=g))] * 2
+    with torch.inference_mode():
+        drafter.skip_rows([0], [20])  # slot 0's last sequence skipped to 20; slot 1 is fresh
+        h, t, n = pad(chunk)
+        out = drafter._draft_rows_logits(h, t, torch.tensor([0, 0]), n, 4)  # a new sequence in each slot
+    torch.testing.assert_close(out[0], out[1], atol=2e-5, rtol=1e-5)

@@ -192,7 +192,10 @@ class StagedAdaptation(nn.Module):
         # Additive masks, made once per step (SDPA would turn a boolean one into this in every layer): causal
         # by position, and padding, at the spare position, sees anything.
         keys, (zero, blocked) = self._row_positions[:high], self._row_bias
-        first = self.row_first[rows][:, None, None, None]  # what a skip left behind is not attended to
+        # What a skip left behind is not attended to; a start below the skip (a new sequence in the slot)
+        # starts the row's history afresh.
+        self.row_first[rows] = torch.minimum(self.row_first[rows], start)
+        first = self.row_first[rows][:, None, None, None]
         mask = torch.where((keys <= wpos[:, None, :, None]) & (keys >= first), zero, blocked)  # (B, 1, n, high)
         last = count - 1
         last_mask = None
