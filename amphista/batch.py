@@ -28,9 +28,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .errors import InputError
 from .generation import GenerateOutput, Request, sync
 from .sampling import sample, target_probs
-from .target import attention_layout
+from .target import attention_layout, window_masks
 from .tree import TreeBuffers, TreeSpec
-from .verify import greedy_path, verify_sampling, verify_typical
+from .verify import accepted_path, verify_sampling, verify_typical
 
 
 class _RowsLayer(DynamicLayer):
@@ -314,16 +314,12 @@ class BatchEngine:
             buf = self._buffers[spec] = _RootOnly(device) if spec is None else TreeBuffers(spec, device)
         return buf
 
-    def _layer_masks(self, mask: torch.Tensor, q_pos: torch.Tensor):
-        """mask (B, 1, q, kv) additive, q_pos (B, q) absolute positions -> what the target's forward takes."""
-        if self.window is None:
-            return mask
-        kv = torch.arange(mask.shape[-1], device=mask.device)
-        too_far = (q_pos[:, None, :, None] - kv) >= self.window
-        sliding = mask.masked_fill(too_far, torch.finfo(mask.dtype).min)
-        if self.layer_types is None:
-            return sliding
-        return {"full_attention": mask, "sliding_attention": sliding}
+    def _layer_masks(self, mask: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor | None = None):
+        """mask (B, 1, q, kv) additive, q_pos (B, q) positions, kv_pos the keys' positions (default: their
+        slots, which they equal outside a tree block) -> what the target's forward takes."""
+        if kv_pos is None:
+            kv_pos = torch.arange(mask.shape[-1], device=mask.device)[None]
+        return window_masks(mask, q_pos, kv_pos, self.window, self.layer_types)
 
     # After a run of plain steps a row has many positions the drafter has not seen; catching up on all of them
     # costs what many drafts do (Amphista, 16 rows x 128 positions: 22 ms against 1.4 ms for a step's draft on
@@ -390,6 +386,7 @@ class BatchEngine:
         start = torch.tensor(starts, device=device)
         kv_end = max(starts) + N
         cols = torch.arange(kv_end, device=device)[None]  # (1, kv)
+        kv_pos = None  # keys' positions where they differ from their slots (a tree block)
         if tree is None:  # plain: each row's token sees its prefix and itself; four ops, not a tree's ten
             positions = slots = start[:, None]  # (B, 1)
             mask = torch.where(cols <= positions, 0.0, torch.finfo(target.dtype).min).to(target.dtype)
@@ -404,11 +401,13 @@ class BatchEngine:
             mask.masked_fill_(~allowed[:, None], torch.finfo(target.dtype).min)
             # Node j of row b sits in cache slot start_b + j (commit expects that order); its position, its depth.
             slots = start[:, None] + torch.arange(N, device=device)[None]
+            if self.window is not None:
+                kv_pos = torch.where(in_tree, start[:, None] + buf.depth[rel.clamp(0, N - 1)], cols)
         self.cache.prepare(slice(0, B), slots, kv_end)
         out = target.forward(
             tokens,
             position_ids=positions,
-            attention_mask=self._layer_masks(mask, positions),
+            attention_mask=self._layer_masks(mask, positions, kv_pos),
             cache=self.cache,
         )
         logits = out.logits  # (B, N, V)
@@ -419,8 +418,10 @@ class BatchEngine:
         for b, r in enumerate(rows):
             req = r.request
             if req.params.greedy:
-                nodes = greedy_path(tok[b], argmax[b], buf.children) if tree is not None else [0]
-                bonus = argmax[b][nodes[-1]]
+                if tree is None:
+                    nodes, bonus = [0], argmax[b][0]
+                else:
+                    nodes, bonus = accepted_path(tok[b], buf.children, argmax[b].__getitem__)
             elif req.acceptance == "typical":
                 nodes, _, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.sampler, starts[b])
             else:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import InputError
-from .files import atomic_write_json
-from .sources import CACHE_ENV, cache_dir
+from .sources import cache_file, read_cached, write_cached
 from .tree import HeadAccuracy, TreeSpec, accepted_by_depth, build_tree
 
 OVERRIDE_ENV = "AMPHISTA_COST_MODEL"  # a cost-model JSON file used instead of the cache
@@ -210,14 +208,9 @@ def calibrate(
     return CostModel(forward, draft, overhead_s)
 
 
-def _canonical(key: dict) -> dict:
-    return json.loads(json.dumps(key, sort_keys=True, default=str))
-
-
 def cache_path(key: dict) -> Path:
     """Where the cost model of `key` is cached: <cache root>/costs/<sha256 of the key>.json."""
-    digest = hashlib.sha256(json.dumps(_canonical(key), sort_keys=True).encode()).hexdigest()
-    return cache_dir() / "costs" / f"{digest}.json"
+    return cache_file("costs", key)
 
 
 def cost_key(model_config, dtype, device, drafter: dict | None = None) -> dict:
@@ -251,14 +244,10 @@ def load_or_calibrate(
     key: dict,
     measure_forward: Callable[[int, int], float],
     measure_draft: Callable[[int], float | None] | None = None,
-    *,
-    rows: tuple[int, ...] = ROWS,
-    tokens: tuple[int, ...] = TOKENS,
-    repeats: int = 3,
-    overhead_s: float = DEFAULT_OVERHEAD_S,
-    budget_s: float = BUDGET_S,
+    **options,
 ) -> CostModel:
-    """The cached cost model of `key`, calibrated (and cached) when there is none.
+    """The cached cost model of `key`, calibrated (and cached) when there is none; `options` are calibrate's
+    (rows, tokens, repeats, overhead_s, budget_s).
 
     $AMPHISTA_COST_MODEL, when set, names a cost-model JSON file used as is (its key, if any, is not
     checked); a broken one raises InputError. A cache file that cannot be read or parsed, or that holds
@@ -276,18 +265,14 @@ def load_or_calibrate(
             return CostModel.from_json(data)
         except InputError as e:
             raise InputError(f"${OVERRIDE_ENV} file {override!r}: {e}") from None
-    path, key = cache_path(key), _canonical(key)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and data.get("key") == key:
+    data = read_cached("costs", key)
+    if data is not None:
+        try:
             return CostModel.from_json(data)
-    except (OSError, ValueError):  # missing or corrupt: calibrate again
-        pass
-    model = calibrate(measure_forward, measure_draft, rows, tokens, repeats, overhead_s, budget_s)
-    try:
-        atomic_write_json(path, {"key": key, **model.to_json()})
-    except OSError as e:
-        print(f"amphista: cannot cache the cost model in {path} ({e}): set ${CACHE_ENV}", file=sys.stderr)
+        except InputError:  # a malformed model: calibrate again
+            pass
+    model = calibrate(measure_forward, measure_draft, **options)
+    write_cached("costs", key, model.to_json())
     return model
 
 

@@ -18,7 +18,7 @@ from .drafters.base import Drafter
 from .errors import InputError, TreeError
 from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
-from .target import attention_layout, decode_attention
+from .target import attention_layout, decode_attention, window_masks
 from .tree import FixedTree, TreeBuffers, TreeSpec
 from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
@@ -84,14 +84,9 @@ class TreeMask:
         full = self.full[..., : start + n]
         if self.window is None:
             return full
-        # Sliding-window layers may not look further back than `window` positions.
         q_pos = start + self.buf.depth  # (N,)
         kv_pos = torch.cat([torch.arange(start, device=q_pos.device), q_pos])  # (L + N,)
-        too_far = (q_pos[:, None] - kv_pos[None, :]) >= self.window
-        sliding = full.masked_fill(too_far, self.min) if bool(too_far.any()) else full
-        if self.types is None:
-            return sliding
-        return {"full_attention": full, "sliding_attention": sliding}
+        return window_masks(full, q_pos[None], kv_pos[None], self.window, self.types)
 
 
 class SpeculativeDecoder(Decoder):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -56,6 +57,34 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "amphista"
+
+
+def cache_file(kind: str, key: dict) -> Path:
+    """Where a measurement of `kind` that depends on `key` is cached: <cache root>/<kind>/<sha256 of key>.json."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    return cache_dir() / kind / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+
+
+def read_cached(kind: str, key: dict) -> dict | None:
+    """The payload cached for `key`, or None when the file is missing, unreadable, corrupt or holds another key
+    (then the caller measures again)."""
+    try:
+        data = json.loads(cache_file(kind, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    canonical = json.loads(json.dumps(key, sort_keys=True, default=str))
+    return data if isinstance(data, dict) and data.get("key") == canonical else None
+
+
+def write_cached(kind: str, key: dict, payload: dict) -> None:
+    """Cache `payload` for `key`, atomically; a cache that cannot be written only costs a measurement later."""
+    from .files import atomic_write_json
+
+    path = cache_file(kind, key)
+    try:
+        atomic_write_json(path, {"key": json.loads(json.dumps(key, sort_keys=True, default=str)), **payload})
+    except OSError as e:
+        print(f"amphista: cannot cache in {path} ({e}): set ${CACHE_ENV} to a writable folder", file=sys.stderr)
 
 
 def resolve_target(target: str | os.PathLike) -> Path:

@@ -89,6 +89,18 @@ def attention_layout(text_config) -> tuple[int | None, list[str] | None]:
     return window, layer_types
 
 
+def window_masks(mask: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None, types):
+    """A 4D additive mask (B, 1, q, kv) as the target's forward takes it: unchanged without a sliding window;
+    else with keys more than `window` positions behind their query hidden (q_pos (B, q) and kv_pos (B or 1,
+    kv) are positions, not cache slots: a tree's nodes sit at their depth), and, for models with both layer
+    types, as {"full_attention": ..., "sliding_attention": ...}."""
+    if window is None:
+        return mask
+    too_far = (q_pos[:, None, :, None] - kv_pos[:, None, None, :]) >= window
+    sliding = mask.masked_fill(too_far, torch.finfo(mask.dtype).min)
+    return sliding if types is None else {"full_attention": mask, "sliding_attention": sliding}
+
+
 @dataclass
 class TargetOutput:
     logits: torch.Tensor | None  # (1, q, V) float32, or None when not asked for

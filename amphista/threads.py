@@ -9,16 +9,12 @@ positions, for 1, 2, 4, ... threads up to the cores this process may use.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import sys
 import time
 
 import torch
 
-from .files import atomic_write_json
-from .sources import cache_dir
+from .sources import read_cached, write_cached
 
 REPEATS = 5
 
@@ -76,14 +72,9 @@ def fastest_threads(target) -> int:
     """The thread count under which `target` (a TargetModel on the CPU) runs a decoding step fastest; measured
     on first use (a second or two), then read from <cache root>/threads/. Leaves torch's setting as found."""
     key = _key(target)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    path = cache_dir() / "threads" / f"{digest}.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("key") == key and isinstance(data.get("threads"), int) and data["threads"] >= 1:
-            return data["threads"]
-    except (OSError, ValueError, AttributeError):
-        pass
+    data = read_cached("threads", key)
+    if data is not None and isinstance(data.get("threads"), int) and data["threads"] >= 1:
+        return data["threads"]
     before = torch.get_num_threads()
     seconds = {}
     try:
@@ -93,10 +84,7 @@ def fastest_threads(target) -> int:
     finally:
         torch.set_num_threads(before)
     best = min(seconds, key=seconds.get)
-    try:
-        atomic_write_json(path, {"key": key, "threads": best, "seconds": {str(n): s for n, s in seconds.items()}})
-    except OSError as e:
-        print(f"amphista: cannot cache the thread choice in {path} ({e})", file=sys.stderr)
+    write_cached("threads", key, {"threads": best, "seconds": {str(n): s for n, s in seconds.items()}})
     return best
 
 

@@ -44,20 +44,20 @@ def verify_greedy(tokens: torch.Tensor, logits: torch.Tensor, buf: TreeBuffers):
     transfers and a walk over a few Python lists cost less than a dozen tensor ops at these sizes.
     """
     argmax = logits.argmax(-1).tolist()
-    nodes = greedy_path(tokens.tolist(), argmax, buf.children)
-    idx = torch.tensor(nodes, device=tokens.device)
-    return nodes, idx, argmax[nodes[-1]]
+    nodes, bonus = accepted_path(tokens.tolist(), buf.children, argmax.__getitem__)
+    return nodes, torch.tensor(nodes, device=tokens.device), bonus
 
 
-def greedy_path(tok: list[int], argmax: list[int], children: list[list[int]]) -> list[int]:
-    """The accepted nodes (root first) of a tree whose node tokens are `tok`, given the target's argmax at
-    every node: at most one child per node can match, so it is a walk down from the root."""
+def accepted_path(tok: list[int], children: list[list[int]], target_token) -> tuple[list[int], int]:
+    """(accepted nodes, root first; the bonus token) of a tree whose node tokens are `tok`, where
+    target_token(node) is the token the target puts after that node (its argmax, or its sample). Siblings
+    are distinct, so at most one child of a node matches: a walk down from the root."""
     node, nodes = 0, [0]
     while True:
-        want = argmax[node]
+        want = target_token(node)
         node = next((c for c in children[node] if tok[c] == want), None)
         if node is None:
-            return nodes
+            return nodes, want
         nodes.append(node)
 
 
@@ -71,14 +71,10 @@ def verify_sampling(
 ):
     """As verify_greedy, with the target's sample at each node (position start + depth + 1) for its argmax."""
     probs = target_probs(logits, params)  # (N, V)
-    tok = tokens.tolist()
-    node, nodes = 0, [0]
-    while True:
-        want = sampler.draw(probs[node], start + buf.depths[node] + 1)
-        node = next((c for c in buf.children[node] if tok[c] == want), None)
-        if node is None:
-            return nodes, torch.tensor(nodes, device=tokens.device), want
-        nodes.append(node)
+    nodes, bonus = accepted_path(
+        tokens.tolist(), buf.children, lambda node: sampler.draw(probs[node], start + buf.depths[node] + 1)
+    )
+    return nodes, torch.tensor(nodes, device=tokens.device), bonus
 
 
 def verify_typical(

@@ -59,6 +59,16 @@ def bundled():
     return target, drafters
 
 
+def _drain(engine) -> dict:
+    """Step the engine until every row has finished; {row id: GenerateOutput}."""
+    outputs = {}
+    while engine:
+        for event in engine.step():
+            if event.output is not None:
+                outputs[event.id] = event.output
+    return outputs
+
+
 def _story_prompts(target, n):
     openings = ["Once upon a time", "Lily and Ben", "The little dog", "One day, a bird", "Tom had a red",
                 "In the park", "A big bear", "Sue liked to"]
@@ -113,11 +123,7 @@ def test_cancelled_row_leaves_and_the_others_are_unaffected(bundled):
     engine.step()
     engine.step()
     assert engine.cancel(ids[0]) and len(engine) == 2 and not engine.cancel(ids[0])
-    outputs = {}
-    while engine:
-        for event in engine.step():
-            if event.output is not None:
-                outputs[event.id] = event.output
+    outputs = _drain(engine)
     plain = amphista.VanillaDecoder(target)
     for rid, prompt in zip(ids[1:], prompts[1:]):
         assert outputs[rid].new_tokens == plain.generate(prompt, max_new_tokens=40).new_tokens
@@ -134,11 +140,7 @@ def test_engine_grows_its_cache_for_a_longer_request(bundled):
     size = engine.cache.max_len
     long = engine.add(prompts[1], max_new_tokens=100)
     assert engine.cache.max_len > size
-    outputs = {}
-    while engine:
-        for event in engine.step():
-            if event.output is not None:
-                outputs[event.id] = event.output
+    outputs = _drain(engine)
     plain = amphista.VanillaDecoder(target)
     assert outputs[short].new_tokens == plain.generate(prompts[0], max_new_tokens=8).new_tokens
     assert outputs[long].new_tokens == plain.generate(prompts[1], max_new_tokens=100).new_tokens
@@ -274,12 +276,31 @@ def test_trees_after_a_long_plain_stretch_skip_the_drafters_catch_up_and_stay_ex
         engine.step()
     assert all(len(r.pending_tokens) > BatchEngine.CATCH_UP for r in engine.rows)
     engine.forced_tree = _UNFORCED
-    outputs = {}
-    while engine:
-        for event in engine.step():
-            if event.output is not None:
-                outputs[event.id] = event.output
+    outputs = _drain(engine)
     plain = amphista.VanillaDecoder(target)
     for rid, prompt in zip(ids, prompts):
         assert outputs[rid].new_tokens == plain.generate(prompt, max_new_tokens=90).new_tokens
     assert sum(outputs[rid].tau for rid in ids) / 3 > 1.2  # drafts from the skipped-ahead state still land
+
+
+def test_a_window_narrower_than_the_tree_masks_by_position_not_slot():
+    """Tree nodes sit in consecutive cache slots but at their depth's position. With a 2-token sliding window,
+    node [1, 0, 0] (depth 3) must not see its ancestor [1] (depth 1, slot 2), which a mask built from slots
+    would let it: the drafter below always puts the truth at rank 1 of head 0, so that path is the one
+    accepted."""
+    import transformers as T
+
+    from amphista.drafters import AdversarialDrafter
+
+    cfg = T.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          sliding_window=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = T.MistralForCausalLM(cfg).eval()
+    prompt = PROMPTS[1]
+    reference = hf_greedy(model, prompt, 30)
+    drafter = AdversarialDrafter(reference, 97, 32, num_heads=3)
+    decoder = amphista.SpeculativeDecoder(model, drafter, tree=[[0], [1], [0, 0], [1, 0], [0, 0, 0], [1, 0, 0]])
+    outs = decoder.generate_batch([prompt, prompt], max_new_tokens=30, eos_token_id=[])
+    assert all(o.sequences[0].tolist() == reference for o in outs)
+    assert min(o.tau for o in outs) > 2.0  # the [1, 0, 0] path was accepted: the case was exercised

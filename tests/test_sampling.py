@@ -57,6 +57,19 @@ def _draw(decoder, params: SamplingParams, n: int, **kw) -> dict:
     return counts
 
 
+def _count_accepted(monkeypatch, module) -> list[int]:
+    """Route `module`'s sampled verification through a wrapper; the list fills with accepted drafts per step."""
+    accepted = []
+
+    def counting(*args):
+        nodes, idx, bonus = verify_mod.verify_sampling(*args)
+        accepted.append(len(nodes) - 1)
+        return nodes, idx, bonus
+
+    monkeypatch.setattr(module, "verify_sampling", counting)
+    return accepted
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_target("llama", vocab=VOCAB, seed=5, sharpen=60.0)
@@ -78,14 +91,7 @@ def test_speculative_sampling_matches_target_distribution(model, params, kind, m
     drafter = _good_drafter(model) if kind == "good" else RandomDrafter(VOCAB, 32, num_heads=3, seed=1)
     tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0]]
     dec = amphista.SpeculativeDecoder(model, drafter, tree=tree)
-    accepted = []
-
-    def counting(*args):
-        nodes, idx, bonus = verify_mod.verify_sampling(*args)
-        accepted.append(len(nodes) - 1)
-        return nodes, idx, bonus
-
-    monkeypatch.setattr(amphista.decoder, "verify_sampling", counting)
+    accepted = _count_accepted(monkeypatch, amphista.decoder)
     counts = _draw(dec, params, DRAWS)
     assert _chi2_pvalue(counts, exact, DRAWS) > P_MIN
     # Both regimes must really be exercised: drafts accepted often (good) or rarely (bad).
@@ -158,14 +164,7 @@ def test_batched_sampling_matches_target_distribution(model, kind, monkeypatch):
     else:
         drafter = _good_drafter(model) if kind == "good" else RandomDrafter(VOCAB, 32, num_heads=3, seed=1)
         dec = amphista.SpeculativeDecoder(model, drafter, tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0]])
-    accepted = []
-
-    def counting(*args):
-        nodes, idx, bonus = verify_mod.verify_sampling(*args)
-        accepted.append(len(nodes) - 1)
-        return nodes, idx, bonus
-
-    monkeypatch.setattr(amphista.batch, "verify_sampling", counting)
+    accepted = _count_accepted(monkeypatch, amphista.batch)
     counts = _draw_batched(dec, params, DRAWS)
     assert _chi2_pvalue(counts, _exact_joint(model, params), sum(counts.values())) > P_MIN
     if kind != "vanilla":
