@@ -51,6 +51,7 @@ def auto_policy(decoder: SpeculativeDecoder):
     described = {
         "type": type(drafter).__name__,
         "config": getattr(config, "__dict__", None),
+        "dtype": str(getattr(drafter, "dtype", None)),
         "trees": {n: t.to_json() if t is not None else None for n, t in trees.items()},
     }
     key = cost_key(decoder.target.config, decoder.target.dtype, decoder.target.device, described)

@@ -42,6 +42,7 @@ class BatchBenchConfig:
     hf_baseline: bool = True
     sequential: bool = True  # also time each drafter on the rows one after another
     threads: int | None = None
+    drafter_dtype: str = "auto"  # see drafters.precision.for_drafting
     device: str | None = None
     dtype: str = "auto"
     progress: bool = True
@@ -107,7 +108,7 @@ def run_batch_benchmark(cfg: BatchBenchConfig) -> dict:
         entries.append(_Entry(PLAIN_HF, "plain", target))
     for name, spec in specs.items():
         path = spec if isinstance(spec, (str, bytes)) or hasattr(spec, "__fspath__") else None
-        drafter = loading.load_drafter_dir(name, spec, target) if path else spec
+        drafter = loading.load_drafter_dir(name, spec, target, cfg.drafter_dtype) if path else spec
         accuracies = loading.accuracies_for(name, path, None, True) if path else None
         for n in cfg.tree_sizes:
             if accuracies is None:

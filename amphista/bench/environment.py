@@ -57,6 +57,7 @@ def drafter_info(drafter, path=None) -> dict:
         "class": type(drafter).__name__,
         "path": str(path) if path else None,
         "num_heads": getattr(drafter, "num_heads", None),
+        "dtype": str(getattr(drafter, "dtype", "")).removeprefix("torch.") or None,
     }
     config = getattr(drafter, "config", None)
     if config is not None and hasattr(config, "to_dict"):

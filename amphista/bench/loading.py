@@ -159,11 +159,12 @@ def check_drafter_dir(name: str, path, shape: dict | None) -> dict:
     return meta
 
 
-def load_drafter_dir(name: str, path, target: TargetModel):
+def load_drafter_dir(name: str, path, target: TargetModel, dtype="auto"):
+    """The drafter saved in `path`, on the target's device, in `dtype` (see drafters.precision.for_drafting)."""
     from ..drafters import load_drafter
+    from ..drafters.precision import for_drafting
 
-    drafter = load_drafter(path, target)
-    return drafter.to(device=target.device, dtype=target.dtype)
+    return for_drafting(load_drafter(path, target), target, dtype)
 
 
 def accuracies_for(name: str, path, override=None, greedy: bool = False) -> list[list[float]]:

@@ -63,6 +63,7 @@ class BenchConfig:
     device: str | None = None
     dtype: str = "auto"
     threads: int | None = None
+    drafter_dtype: str = "auto"  # see drafters.precision.for_drafting
     # Time each speculative step's parts (draft, tree forward, verify, commit). None: on CPU only, where
     # it costs nothing; on a GPU each part needs a synchronisation that would slow the step it measures.
     step_breakdown: bool | None = None
@@ -145,7 +146,7 @@ def prepare(cfg: BenchConfig):
     sweep = {}
     for name, spec in specs.items():
         path = spec if _is_path(spec) else None
-        drafter = loading.load_drafter_dir(name, spec, target) if path else spec
+        drafter = loading.load_drafter_dir(name, spec, target, cfg.drafter_dtype) if path else spec
         info = {"drafter": drafter_info(drafter, path)}
         if cfg.tree_sweep is not None:
             for n in cfg.tree_sweep:

@@ -133,13 +133,15 @@ class HeadDrafter(Drafter):
         if self.d2t is None:
             return head
         rows = self._vocab_cache.get("rows")
-        if rows is None or rows.weight.device != head.weight.device:
-            # A copy of N rows, made once per attach / load / move: gathering them at every call would copy
-            # N x d weights per draft step. Built outside inference mode so that training can use it too.
+        dtype = self.dtype
+        if rows is None or rows.weight.device != head.weight.device or rows.weight.dtype != dtype:
+            # A copy of N rows, made once per attach / load / move / cast: gathering them at every call would
+            # copy N x d weights per draft step. In the drafter's dtype: a bfloat16 drafter reads half the
+            # bytes (drafting runs at memory speed). Built outside inference mode so that training can use it.
             with torch.inference_mode(False), torch.no_grad():
                 index = self.d2t.to(head.weight.device)
                 bias = getattr(head, "bias", None)
-                rows = _HeadRows(head.weight[index], None if bias is None else bias[index])
+                rows = _HeadRows(head.weight[index].to(dtype), None if bias is None else bias[index].to(dtype))
             self._vocab_cache["rows"] = rows
         return rows
 

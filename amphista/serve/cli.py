@@ -49,6 +49,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: the count measured fastest for the model on this machine, "
         "among 1, 2, 4, ... up to the usable cores; measured once, then cached)",
     )
+    p.add_argument(
+        "--drafter-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="dtype the drafter drafts in (default auto: the target's, or on a float32 CPU target bfloat16 where it "
+        "drafts measurably faster here; measured once, then cached). The output never depends on it",
+    )
 
 
 def _set_threads(args) -> None:
@@ -171,7 +178,7 @@ def run_generate(args) -> int:
     from .loading import load_decoder
 
     _set_threads(args)
-    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes, args.threads)
+    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype)
     return chat(decoder, args) if args.chat else complete(decoder, args, prompt)
 
 
@@ -192,7 +199,7 @@ def run_serve(args) -> int:
             file=sys.stderr,
         )
     _set_threads(args)
-    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes, args.threads)
+    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype)
     app = create_app(
         decoder,
         model_name=args.model_name,

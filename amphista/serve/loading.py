@@ -36,10 +36,12 @@ def load_target(path: str | None) -> TargetModel:
     return target
 
 
-def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | None = None):
+def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | None = None, dtype="auto"):
     """(drafter, its folder) for `spec` (see the module docstring), or (None, None) for vanilla decoding.
-    `target_spec` is the --target as given: its shipped drafters are the defaults."""
+    `target_spec` is the --target as given: its shipped drafters are the defaults. `dtype`: see
+    drafters.precision.for_drafting."""
     from ..drafters import load_drafter
+    from ..drafters.precision import for_drafting
 
     if spec is not None and spec.lower() == "none":
         return None, None
@@ -58,8 +60,7 @@ def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | N
         path = bundled.default_drafter_path(spec, target_spec)
     else:
         path = Path(spec)
-    drafter = load_drafter(path, target)
-    return drafter.to(device=target.device, dtype=target.dtype), path
+    return for_drafting(load_drafter(path, target), target, dtype), path
 
 
 def resolve_tree(tree: str | None, drafter_dir: Path | None, nodes: int | None = None):
@@ -82,12 +83,13 @@ def load_decoder(
     tree: str | None = None,
     tree_nodes: int | None = None,
     threads: int | None = None,
+    drafter_dtype="auto",
 ) -> Decoder:
     from ..threads import set_threads
 
     target = load_target(target_path)
     set_threads(target, threads)  # before tree="auto" measures step costs, which depend on it
-    drafter, path = load_drafter_arg(drafter_spec, target, target_path)
+    drafter, path = load_drafter_arg(drafter_spec, target, target_path, drafter_dtype)
     if drafter is None:
         return VanillaDecoder(target)
     return SpeculativeDecoder(target, drafter, resolve_tree(tree, path, tree_nodes))
