@@ -28,7 +28,8 @@ def _timed(monkeypatch, seconds):
     return calls
 
 
-def test_bfloat16_is_chosen_only_when_clearly_faster_and_the_choice_is_cached(monkeypatch):
+def test_bfloat16_is_chosen_only_when_clearly_faster_and_the_choice_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path))  # nothing measured by other tests
     target = amphista.load_default_target()
     drafter = load_drafter_dir("amphista", bundled.default_drafter_path("amphista"), target, "float32")
     seconds = {"float32": 1.0, "bfloat16": 0.9}  # 10% faster: not enough
@@ -79,7 +80,8 @@ def test_a_bfloat16_drafter_with_a_draft_vocabulary_stays_exact(kind):
     assert precision.for_drafting(drafter, target, "float32")._lm_head().weight.dtype == torch.float32
 
 
-def test_a_real_measurement_returns_float32_or_bfloat16():
+def test_a_real_measurement_returns_float32_or_bfloat16(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path))
     target = amphista.load_default_target()
     drafter = load_drafter_dir("medusa", bundled.default_drafter_path("medusa"), target, "float32")
     assert precision.drafting_dtype(drafter, target) in (torch.float32, torch.bfloat16)
