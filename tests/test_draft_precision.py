@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_target
 
 import amphista
 from amphista import bundled
@@ -11,8 +12,6 @@ from amphista.bench.loading import load_drafter_dir
 from amphista.drafters import precision
 from amphista.errors import InputError
 from amphista.sources import cache_dir
-
-from conftest import tiny_target
 
 
 def _timed(monkeypatch, seconds):
