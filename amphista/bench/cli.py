@@ -85,7 +85,8 @@ def add_parser(sub) -> None:
         metavar="B,B,...",
         help="batched decoding instead: at each batch size, that many first turns decoded together by plain "
         "decoding (amphista's and transformers' left-padded generate) and each drafter with tree 'auto' and "
-        "the --tree-sweep sizes (default 8); aggregate tokens/s, tau, exactness per row; one run each",
+        "the --tree-sweep sizes (default 8); aggregate tokens/s, tau, exactness per row; each measured --runs times, "
+        "interleaved, the fastest counting",
     )
     p.add_argument(
         "--head-accuracy",
@@ -224,6 +225,7 @@ def run_batch_bench(args) -> int:
         tree_sizes=_sizes(args.tree_sweep) if args.tree_sweep else [8],
         max_new_tokens=args.max_new_tokens,
         hf_baseline=not args.no_hf_baseline,
+        runs=args.runs,
         threads=args.threads,
         drafter_dtype=args.drafter_dtype,
         device=args.device,
