@@ -37,7 +37,7 @@ DEFAULT_OVERHEAD_S = 1e-4
 BUDGET_S = 20.0
 FORMAT_VERSION = 1
 # Part of the cache key: a change to how calibration measures makes every cached model stale.
-CALIBRATION = 4
+CALIBRATION = 5
 
 
 def _interp(points: list[tuple[int, float]], x: float) -> float:
@@ -175,31 +175,43 @@ def calibrate(
     overhead_s: float = DEFAULT_OVERHEAD_S,
     budget_s: float = BUDGET_S,
 ) -> CostModel:
-    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up; then costs are
-    made non-decreasing in rows and tokens (more work never takes less time; a dip is noise).
+    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up and one more call
+    made after the whole grid (a second look); then costs are made non-decreasing in rows and tokens (more
+    work never takes less time; a dip is noise).
 
     measure_forward(rows, tokens) runs one real batched forward (at a typical cache length) and returns its
     seconds; measure_draft(rows) returns a draft call's seconds, or None where it cannot be measured.
     The draft is measured first for every row count, then the forward grid in order of increasing work
-    (rows x tokens). A point whose cost, predicted from the points measured so far, would take the
+    (rows x tokens), then every point once more in the opposite order. The second look is there because the
+    non-decreasing envelope spreads one slow point to every larger one: a burst of other work on the machine
+    during a few points' repeats made every tree cost the same, and `auto` pick the largest (seen on the
+    development machine). A point whose cost, predicted from the points measured so far, would take the
     calibration past `budget_s` is skipped and later interpolated: on a slow machine the largest batches
     of the largest trees, which `auto` rarely picks, are extrapolated from smaller ones. The first point
     of each kind is always measured.
     """
     rows, tokens = sorted(set(rows)), sorted(set(tokens))
-    spent, draft, forward = 0.0, {}, {}
+    calls = repeats + 2  # warm-up, repeats, second look
+    spent, draft, forward = 0.0, {}, {}  # spent: measured so far plus the second looks still to come
     for r in rows if measure_draft is not None else ():
-        if draft and spent + _interp(sorted(draft.items()), r) * (repeats + 1) > budget_s:
+        if draft and spent + _interp(sorted(draft.items()), r) * calls > budget_s:
             continue
         s, cost = _fastest_timed(measure_draft, (r,), repeats)
         spent += cost
         if s is not None:
             draft[r] = s
+            spent += s
     for r, t in sorted(((r, t) for r in rows for t in tokens), key=lambda p: (p[0] * p[1], p[1])):
-        if forward and spent + CostModel(forward).forward_s(r, t) * (repeats + 1) > budget_s:
+        if forward and spent + CostModel(forward).forward_s(r, t) * calls > budget_s:
             continue
         forward[(r, t)], cost = _fastest_timed(measure_forward, (r, t), repeats)
-        spent += cost
+        spent += cost + forward[(r, t)]
+    for point in sorted(forward, key=lambda p: (p[0] * p[1], p[1]), reverse=True):
+        forward[point] = min(forward[point], float(measure_forward(*point)))
+    for r in sorted(draft, reverse=True):
+        again = measure_draft(r)
+        if again is not None:
+            draft[r] = min(draft[r], float(again))
     for r, t in sorted(forward):
         below = [v for (r2, t2), v in forward.items() if r2 <= r and t2 <= t]
         forward[(r, t)] = max(below)
