@@ -343,6 +343,14 @@ class TreePolicy:
     REVISIT = 8  # observations between two rankings of the candidates
     GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
     GAIN_PRIOR = 5  # the accuracies' promise counts as this many observed steps
+    # Per plain step, how far the observed acceptance relaxes back toward the accuracies' promise (half-life
+    # ~460 plain steps). Plain steps measure no acceptance: without this, a few unlucky answers early on
+    # (MT-Bench's extraction questions, a warm-up on odd text) made plain decoding final for the process.
+    # With it the trees are tried again now and then; the first REVISIT tree steps after plain ones weigh
+    # PROBE_ALPHA each, so a drafter that is still wrong sends it back at once (a useless drafter: ~5% of
+    # steps are such probes).
+    GAIN_RELAX = 0.0015
+    PROBE_ALPHA = 0.1
 
     def __init__(self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64):
         acc = list(accuracies)[: max_depth or None]
@@ -370,6 +378,9 @@ class TreePolicy:
         self.gain = 1.0
         self._gain_steps = 0
         self._observed = self._promised = 0.0  # means of accepted / promised drafts per step (see observe)
+        self._gain_candidate: Candidate | None = None  # the tree whose steps last measured the gain
+        self._after_plain = False  # the latest observed step was plain
+        self._probe_steps = 0  # tree steps left that weigh PROBE_ALPHA in the gain (see GAIN_RELAX)
 
     def _predicted(self, rows: int) -> list[float]:
         base = self._base.get(rows)
@@ -424,7 +435,7 @@ class TreePolicy:
         `tokens`, the mean tokens each row committed in that step, feeds a second correction: `gain`, the
         moving average of observed / expected accepted drafts, scales every tree's expected gain over
         plain decoding (accuracies measured on other text than the one being decoded promise too much or
-        too little for every tree alike)."""
+        too little for every tree alike). Plain steps relax it back toward the promise (GAIN_RELAX)."""
         if seconds <= 0 or nodes not in self._index:
             return
         candidate = self.candidates[self._index[nodes]]
@@ -438,10 +449,20 @@ class TreePolicy:
                 self._observed = self._promised = candidate.tau - 1.0
             self._gain_steps += 1
             alpha = max(self.GAIN_ALPHA, 1.0 / (self._gain_steps + self.GAIN_PRIOR))
+            if self._after_plain:
+                self._after_plain, self._probe_steps = False, self.REVISIT
+            if self._probe_steps:
+                self._probe_steps -= 1
+                alpha = max(alpha, self.PROBE_ALPHA)
             self._observed += alpha * (max(float(tokens) - 1.0, 0.0) - self._observed)
             self._promised += alpha * ((candidate.tau - 1.0) - self._promised)
-            ratio = self._observed / self._promised if self._promised > 0 else 1.0
-            self.gain = _solve_gain(candidate, ratio * (candidate.tau - 1.0))
+            self._gain_candidate = candidate
+            self._update_gain()
+        elif candidate.tau == 1.0 and self._gain_candidate is not None:
+            self._after_plain = True
+            if self._observed < self._promised:
+                self._observed += self.GAIN_RELAX * (self._promised - self._observed)
+                self._update_gain()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
         for c in self.candidates:
@@ -456,6 +477,11 @@ class TreePolicy:
         self._observations += 1
         if self._observations % self.REVISIT == 0:
             self._choice.clear()
+
+    def _update_gain(self) -> None:
+        candidate = self._gain_candidate
+        ratio = self._observed / self._promised if self._promised > 0 else 1.0
+        self.gain = _solve_gain(candidate, ratio * (candidate.tau - 1.0))
 
     def table(self, rows_list=ROWS) -> list[dict]:
         """Per row count: the chosen size, its expected tau and predicted tokens/s, and plain decoding's."""

@@ -165,7 +165,11 @@ class SpeculativeDecoder(Decoder):
             if choice != (None if self._plain else self.tree):
                 self._use(choice)
         if self._plain:  # tree="auto" found no tree that pays for one row on this machine
-            return (yield from VanillaDecoder._run(self, request))
+            out = yield from VanillaDecoder._run(self, request)
+            if self.auto:  # plain steps too: their cost, and they let a low acceptance estimate relax
+                for seconds in out.step_times[1:]:
+                    self.tree_policy.observe(1, 1, seconds)
+            return out
         target, drafter, buf, params = self.target, self.drafter, self.buffers, request.params
         device = target.device
         t0 = time.perf_counter()

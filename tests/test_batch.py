@@ -234,8 +234,10 @@ def test_auto_picks_trees_where_they_pay_and_plain_where_not(bundled, tmp_path, 
     monkeypatch.setenv("AMPHISTA_COST_MODEL", _cost_file(tmp_path, 5.0))  # every token costs 5 ms
     dear = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="auto")
     assert dear._plain and dear.tree_policy.choose(16) is None
+    seen = dear.tree_policy._observations
     out = dear.generate(prompts[0], max_new_tokens=24)
     assert out.new_tokens == refs[0] and out.tau == 1.0
+    assert dear.tree_policy._observations == seen + 23  # plain steps are observed too (after the prefill)
     outs = dear.generate_batch(prompts, max_new_tokens=24)
     assert [o.new_tokens for o in outs] == refs and all(o.tau == 1.0 for o in outs)
 

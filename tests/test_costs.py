@@ -269,3 +269,30 @@ def test_observed_acceptance_shrinks_deep_levels_most_and_moves_the_choice():
     for _ in range(60):  # and hardly ever right: plain decoding
         policy.observe(1, small.num_nodes, tree_cost(1, small.num_nodes), 1.0)
     assert policy.choose(1) is None
+
+
+def test_plain_steps_let_a_low_acceptance_estimate_recover_and_a_bad_drafter_stays_mostly_plain():
+    def tree_cost(rows, tokens):
+        return 1e-2 + (2e-3 + 2e-4 * tokens if tokens > 1 else 0.0)
+
+    def run(policy, steps, accepted):
+        """Decode `steps` steps, the drafter's drafts accepted at `accepted` x the promise; the trees' share."""
+        trees = 0
+        for _ in range(steps):
+            tree = policy.choose(1)
+            if tree is None:
+                policy.observe(1, 1, tree_cost(1, 1), 1.0)
+                continue
+            trees += 1
+            c = next(c for c in policy.candidates if c.tree == tree)
+            policy.observe(1, c.nodes, tree_cost(1, c.nodes), 1.0 + accepted * (c.tau - 1.0))
+        return trees / steps
+
+    policy = TreePolicy(model(tree_cost), GOOD)
+    run(policy, 60, 0.0)  # an unlucky start: nothing accepted
+    assert policy.gain < 0.6
+    # The drafter is as good as promised again: plain steps relax the estimate, a tree is tried, and kept.
+    assert run(policy, 1000, 1.0) > 0.8 and policy.choose(1) is not None
+    # A drafter that stays useless is tried now and then, never for long.
+    policy = TreePolicy(model(tree_cost), GOOD)
+    assert run(policy, 2000, 0.0) < 0.1 and policy.gain < 0.6
