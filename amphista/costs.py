@@ -396,12 +396,13 @@ class TreePolicy:
             for c, s in zip(self.candidates, self._predicted(rows))
         ]
 
-    def _best(self, rows: int) -> Candidate:
-        choice = self._choice.get(rows)
+    def _best(self, rows: int, fresh: bool = False) -> Candidate:
+        switching = self._was_plain and not fresh
+        choice = self._choice.get((rows, switching))
         if choice is None:
             rates, best = self._rates(rows), 0
             margin = self.MARGIN if rows > 1 else self.SINGLE_MARGIN
-            if self._was_plain:  # leaving plain decoding costs a catch-up draft: no flapping
+            if switching:  # leaving plain decoding costs a catch-up draft: no flapping
                 margin += self.SWITCH
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
             # beat plain decoding by MARGIN (see there).
@@ -412,11 +413,15 @@ class TreePolicy:
                     and rates[i] > rates[0] * (1.0 + margin)
                 ):
                     best = i
-            choice = self._choice[rows] = self.candidates[best]
+            choice = self._choice[(rows, switching)] = self.candidates[best]
         return choice
 
-    def choose(self, rows: int) -> TreeSpec | None:
-        """The tree for a step with `rows` live rows, or None for plain decoding."""
+    def choose(self, rows: int, fresh: bool = False) -> TreeSpec | None:
+        """The tree for a step with `rows` live rows, or None for plain decoding. `fresh`: the choice is for
+        new sequences, whose drafter reads the prompt whatever was chosen before, so leaving plain decoding
+        costs no catch-up draft and needs no SWITCH margin (the single-sequence path chooses per call)."""
+        if fresh:
+            return self._best(rows, fresh=True).tree
         tree = self._best(rows).tree
         if (tree is None) != self._was_plain:  # the switch margin changed: choices made under it are stale
             self._was_plain = tree is None

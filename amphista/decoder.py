@@ -136,7 +136,7 @@ class SpeculativeDecoder(Decoder):
             self.tree_policy = auto_policy(self)
             # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding);
             # chosen again at every generate, as the policy learns from the steps it sees.
-            self._use(self.tree_policy.choose(1))
+            self._use(self.tree_policy.choose(1, fresh=True))
         else:
             spec = TreeSpec.load(tree, self.drafter.num_heads)
             self._use(spec)
@@ -161,7 +161,7 @@ class SpeculativeDecoder(Decoder):
     @torch.inference_mode()
     def _run(self, request: Request) -> Iterator[list[int]]:
         if self.auto:
-            choice = self.tree_policy.choose(1)
+            choice = self.tree_policy.choose(1, fresh=True)
             if choice != (None if self._plain else self.tree):
                 self._use(choice)
         if self._plain:  # tree="auto" found no tree that pays for one row on this machine

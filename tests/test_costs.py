@@ -296,3 +296,16 @@ def test_plain_steps_let_a_low_acceptance_estimate_recover_and_a_bad_drafter_sta
     # A drafter that stays useless is tried now and then, never for long.
     policy = TreePolicy(model(tree_cost), GOOD)
     assert run(policy, 2000, 0.0) < 0.1 and policy.gain < 0.6
+
+
+def test_a_new_sequence_leaves_plain_decoding_without_the_switch_margin():
+    def tree_cost(rows, tokens):  # the best tree is predicted ~14% faster than plain decoding
+        return 1e-2 * (1 + (1.7 if tokens > 1 else 0.0) + 0.01 * tokens)
+
+    policy = TreePolicy(model(tree_cost), GOOD)
+    assert policy.choose(1) is not None
+    policy._was_plain = True  # a batched step just decoded plainly: leaving costs a catch-up draft
+    policy._choice.clear()
+    assert policy.choose(1) is None  # 14% < SINGLE_MARGIN + SWITCH
+    assert policy.choose(1, fresh=True) is not None  # a new sequence's drafter reads its prompt anyway
+    assert policy.choose(1) is None  # and the batched choice is unchanged
