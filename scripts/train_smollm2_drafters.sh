@@ -17,7 +17,7 @@
 # 5. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
 #    (written by training, from --eval-data): the shipped head_accuracy.json picks the trees
 # Times on the 2-core development machine: the feature cache ~15 min; first epoch Medusa ~17 min, Amphista
-# ~41 min; the second epoch ~20 min each (measured in session 6).
+# ~41 min; the second epoch ~20 min each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/smollm2}
