@@ -65,6 +65,17 @@ def int_range(low: int | None = None, high: int | None = None, what: str = "an i
     return parse
 
 
+def add_drafter_dtype(p: argparse.ArgumentParser) -> None:
+    """`--drafter-dtype`, the same for every command that drafts (see amphista.drafters.precision)."""
+    p.add_argument(
+        "--drafter-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="dtype drafters draft in (default auto: the target's, or on a float32 CPU target bfloat16 where it "
+        "drafts measurably faster here; measured once, then cached). The output never depends on it",
+    )
+
+
 def float_range(low: float, high: float | None = None, low_open: bool = False):
     """An argparse `type` accepting finite floats >= low (> low when low_open) and <= high."""
 

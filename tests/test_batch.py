@@ -114,12 +114,17 @@ def test_stream_batch_yields_each_rows_tokens_in_order(bundled):
     assert [o.new_tokens for o in decoder.generate_batch(prompts, max_new_tokens=20)] == [seen[i] for i in range(3)]
 
 
-def test_cancelled_row_leaves_and_the_others_are_unaffected(bundled):
+def _three_rows(bundled, drafter: str, max_new_tokens: int):
+    """Three story openings added to one engine (64-node tree): (target, prompts, decoder, engine, row ids)."""
     target, drafters = bundled
     prompts = _story_prompts(target, 3)
-    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
+    decoder = amphista.SpeculativeDecoder(target, drafters[drafter], tree="mc_sim_7b_63")
     engine = BatchEngine(decoder, max_rows=3)
-    ids = [engine.add(p, max_new_tokens=40) for p in prompts]
+    return target, prompts, decoder, engine, [engine.add(p, max_new_tokens=max_new_tokens) for p in prompts]
+
+
+def test_cancelled_row_leaves_and_the_others_are_unaffected(bundled):
+    target, prompts, decoder, engine, ids = _three_rows(bundled, "amphista", 40)
     engine.step()
     engine.step()
     assert engine.cancel(ids[0]) and len(engine) == 2 and not engine.cancel(ids[0])
@@ -149,12 +154,7 @@ def test_engine_grows_its_cache_for_a_longer_request(bundled):
 def test_cache_rows_equal_recomputation(bundled):
     """After speculative steps with rejected branches, each row's committed keys and values are exactly
     what one forward over its committed tokens computes."""
-    target, drafters = bundled
-    prompts = _story_prompts(target, 3)
-    decoder = amphista.SpeculativeDecoder(target, drafters["medusa"], tree="mc_sim_7b_63")
-    engine = BatchEngine(decoder, max_rows=3)
-    for p in prompts:
-        engine.add(p, max_new_tokens=60)
+    target, prompts, decoder, engine, _ = _three_rows(bundled, "medusa", 60)
     for _ in range(4):
         engine.step()
     from transformers import DynamicCache
@@ -268,11 +268,7 @@ def test_auto_without_accuracies_says_what_it_needs(bundled):
 def test_trees_after_a_long_plain_stretch_skip_the_drafters_catch_up_and_stay_exact(bundled):
     from amphista.batch import _UNFORCED
 
-    target, drafters = bundled
-    prompts = _story_prompts(target, 3)
-    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="mc_sim_7b_63")
-    engine = BatchEngine(decoder, max_rows=3)
-    ids = [engine.add(p, max_new_tokens=90) for p in prompts]
+    target, prompts, decoder, engine, ids = _three_rows(bundled, "amphista", 90)
     engine.forced_tree = None  # plain steps: the drafter falls behind by 40 positions per row
     for _ in range(40):
         engine.step()

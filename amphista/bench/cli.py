@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..bundled import FALLBACK_TREE
-from ..cli import HelpFormatter, float_range, int_range, positive_int
+from ..cli import HelpFormatter, add_drafter_dtype, float_range, int_range, positive_int
 from ..errors import InputError
 
 
@@ -102,13 +102,7 @@ def add_parser(sub) -> None:
         type=positive_int,
         help="torch CPU threads (default: the count measured fastest for the target here, as in generate)",
     )
-    p.add_argument(
-        "--drafter-dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="dtype the drafters draft in (default auto: the target's, or on a float32 CPU target bfloat16 where "
-        "it drafts measurably faster here, as in generate)",
-    )
+    add_drafter_dtype(p)
     p.add_argument(
         "--out", required=True, metavar="RESULTS_DIR", help="folder for answers, results.json, plots"
     )

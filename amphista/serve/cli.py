@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..cli import HelpFormatter, float_range, int_range, positive_int
+from ..cli import HelpFormatter, add_drafter_dtype, float_range, int_range, positive_int
 from ..errors import InputError
 
 API_KEY_ENV = "AMPHISTA_API_KEY"
@@ -49,13 +49,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: the count measured fastest for the model on this machine, "
         "among 1, 2, 4, ... up to the usable cores; measured once, then cached)",
     )
-    p.add_argument(
-        "--drafter-dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="dtype the drafter drafts in (default auto: the target's, or on a float32 CPU target bfloat16 where it "
-        "drafts measurably faster here; measured once, then cached). The output never depends on it",
-    )
+    add_drafter_dtype(p)
 
 
 def _set_threads(args) -> None:
