@@ -19,7 +19,7 @@ from .errors import InputError, TreeError
 from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
 from .target import attention_layout, decode_attention, window_masks
-from .tree import FixedTree, TreeBuffers, TreeSpec
+from .tree import FixedTree, TreeBuffers, TreeSpec, dynamic_tree
 from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
 
@@ -69,20 +69,29 @@ class TreeMask:
     """
 
     def __init__(self, buf: TreeBuffers, max_len: int, dtype: torch.dtype, device, window: int | None, types):
-        self.buf, self.window, self.types = buf, window, types
+        self.window, self.types = window, types
         self.min = torch.finfo(dtype).min
-        self.block = torch.zeros(buf.num_nodes, buf.num_nodes, dtype=dtype, device=device)
-        self.block.masked_fill_(~buf.mask, self.min)
         self.full = torch.zeros(1, 1, buf.num_nodes, max_len, dtype=dtype, device=device)
-        self.dirty = 0
+        self.dirty = self.width = 0
+        self.buf = None
+        self._set(buf)
 
-    def __call__(self, start: int):
+    def _set(self, buf: TreeBuffers) -> None:
+        self.buf = buf
+        self.block = torch.zeros(buf.num_nodes, buf.num_nodes, dtype=self.full.dtype, device=self.full.device)
+        self.block.masked_fill_(~buf.mask, self.min)
+
+    def __call__(self, start: int, buf: TreeBuffers | None = None):
+        """The mask for a tree rooted at `start`; `buf`: this step's tree, when it differs from the last one
+        (a dynamic tree, of at most as many nodes as the first)."""
+        if buf is not None and buf is not self.buf:
+            self._set(buf)
         n = self.buf.num_nodes
-        if self.dirty < start:
-            self.full[..., self.dirty : start] = 0.0
-        self.full[..., start : start + n] = self.block
-        self.dirty = start
-        full = self.full[..., : start + n]
+        # The previous tree's columns are committed or free now; rows past n are not handed out.
+        self.full[..., self.dirty : self.dirty + self.width] = 0.0
+        self.full[..., :n, start : start + n] = self.block
+        self.dirty, self.width = start, n
+        full = self.full[..., :n, : start + n]
         if self.window is None:
             return full
         q_pos = start + self.buf.depth  # (N,)
@@ -108,6 +117,13 @@ class SpeculativeDecoder(Decoder):
             ranks from the root), or a TreeSpec. No deeper than the drafter has heads; see
             amphista.build_tree for a tree fitted to a drafter's accuracies. `set_tree` changes it later.
         tokenizer: used for stop strings; default None: the tokenizer the target was loaded with, if any.
+        accuracies: the drafter's head accuracies for tree="auto" (a head_accuracy.json path or per-head
+            top-k lists); default None: the file beside a drafter loaded from a folder.
+        dynamic: shape each step's tree from the drafter's own probabilities at that step (as many nodes as
+            the tree in use, placed where the drafter is most confident: deep when it is sure, wide when it
+            hesitates), instead of verifying the same shape every step. Default None: on with tree="auto",
+            off with a given tree. Output is exact either way; batched decoding (generate_batch) keeps
+            static trees.
 
     `generate` and `stream` take the keywords listed in `help(SpeculativeDecoder.generate)`; each returned
     GenerateOutput also reports `accept_lengths` and `tau`, the mean tokens per target forward.
@@ -118,9 +134,17 @@ class SpeculativeDecoder(Decoder):
     # on a GPU the parts need a synchronisation each, which would cost the plain loop its overlap.
     profile_steps = False
 
-    def __init__(self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None, accuracies=None):
+    # Most ranks per head a dynamic tree considers: deeper ranks are almost never worth a node.
+    DYNAMIC_WIDTH = 10
+
+    def __init__(
+        self, target, drafter: Drafter, tree="mc_sim_7b_63", tokenizer=None, accuracies=None, dynamic=None
+    ):
         super().__init__(target, tokenizer)
         self.accuracies = accuracies
+        if dynamic not in (None, True, False):
+            raise InputError(f"dynamic must be True, False or None (on with tree='auto'), got {dynamic!r}")
+        self.dynamic = dynamic
         self.last_step_parts: list[tuple[float, float, float, float]] = []
         if not isinstance(drafter, Drafter):
             raise InputError(f"drafter must be an amphista Drafter, got {type(drafter).__name__}")
@@ -132,6 +156,7 @@ class SpeculativeDecoder(Decoder):
     def set_tree(self, tree) -> None:
         """Verify with another token tree from now on (same forms as the constructor's `tree`)."""
         self.auto = isinstance(tree, str) and tree == "auto"
+        self.dynamic_trees = self.auto if self.dynamic is None else self.dynamic
         if self.auto:
             self.tree_policy = auto_policy(self)
             # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding);
@@ -177,6 +202,13 @@ class SpeculativeDecoder(Decoder):
         mask = TreeMask(buf, cache.max_len, target.dtype, device, self.window, self.layer_types)
         drafter.reset(cache.max_len)
         depth, k = self.tree.depth, self.tree.max_rank + 1
+        dynamic = self.dynamic_trees
+        if dynamic:  # every step: the best tree of buf.num_nodes nodes for that step's drafts
+            d2t = getattr(drafter, "d2t", None)
+            draft_vocab = target.vocab_size if d2t is None else d2t.numel()
+            size = buf.num_nodes
+            depth = min(drafter.num_heads, size - 1)
+            k = min(size - 1, self.DYNAMIC_WIDTH, draft_vocab)
         generated: list[int] = []
         accept_lengths: list[int] = []
         step_times: list[float] = []
@@ -205,13 +237,19 @@ class SpeculativeDecoder(Decoder):
             ts = time.perf_counter()
             start = cache.length  # position of the root
             with decode_attention(device):
-                top = drafter.draft_topk(*draft_in, depth, k)  # (D, k) target ids
-            tokens = torch.cat([torch.tensor([root], device=device), top.view(-1)[buf.flat]])  # (N,)
+                if dynamic:
+                    top, probs = drafter.draft_topk_probs(*draft_in, depth, k)  # (D, k) ids, probabilities
+                    spec = dynamic_tree(probs.tolist(), size)
+                    buf = TreeBuffers.of(spec, device)
+                    top = top[: spec.depth, : spec.max_rank + 1]
+                else:
+                    top = drafter.draft_topk(*draft_in, depth, k)  # (D, k) target ids
+            tokens = torch.cat([torch.tensor([root], device=device), top.reshape(-1)[buf.flat]])  # (N,)
             if parts is not None:
                 sync(device)
                 t_draft = time.perf_counter()
             out = target.forward(
-                tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start), cache=cache
+                tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start, buf), cache=cache
             )
             logits = out.logits[0]  # (N, V)
             if parts is not None:

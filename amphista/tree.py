@@ -7,6 +7,7 @@ implicit. Node i of the flattened tree (0 = root) is verified at position prefix
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import os
@@ -113,6 +114,36 @@ class TreeSpec:
         return total
 
 
+def dynamic_tree(probs: list[list[float]], num_nodes: int) -> TreeSpec:
+    """The `num_nodes`-token tree (root included) that one step's drafts promise the most accepted tokens.
+
+    probs[h][r] is the drafter's own probability for head h's rank-r token at this step (ranks sorted best
+    first). A node's value is the product of its ranks' probabilities, the chance that every token on its
+    path is right if the heads were calibrated and independent: the tree follows the drafter's confidence,
+    deep where it is sure, wide where it hesitates. A child never beats its parent and a rank never beats
+    a better rank, so taking nodes best-first from a frontier gives the best prefix-closed set, and a node
+    of rank r comes after its r better siblings (ties go to the better rank and the shallower path).
+    """
+    if num_nodes < 2:
+        raise TreeError(f"a tree needs at least 2 nodes (the root and one candidate), got {num_nodes}")
+    depth, width = len(probs), len(probs[0]) if probs else 0
+    if depth == 0 or width == 0:
+        raise TreeError("a dynamic tree needs the drafter's probabilities for at least one head and rank")
+    # Entries (-value, path, parent's value). Popping a node pushes only its next sibling and its first
+    # child: every other candidate is worth no more than one of those. O(num_nodes log num_nodes).
+    frontier = [(-probs[0][0], (0,), 1.0)]
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < num_nodes - 1:
+        neg, path, parent = heapq.heappop(frontier)
+        chosen.append(path)
+        rank, level = path[-1], len(path) - 1
+        if rank + 1 < width:
+            heapq.heappush(frontier, (-parent * probs[level][rank + 1], path[:-1] + (rank + 1,), parent))
+        if level + 1 < depth:
+            heapq.heappush(frontier, (neg * probs[level + 1][0], path + (0,), -neg))
+    return TreeSpec(tuple(sorted(chosen, key=lambda p: (len(p), p))))
+
+
 class FixedTree:
     """The tree policy of a decoder given one tree: every step verifies `spec`, whatever the batch size."""
 
@@ -125,7 +156,13 @@ class FixedTree:
 
 
 class TreeBuffers:
-    """Index tensors built once per tree and device; every step reuses them."""
+    """Index tensors built once per tree and device; every step reuses them (`TreeBuffers.of` keeps the
+    buffers of recently used trees, for decoders whose tree changes from step to step)."""
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def of(spec: TreeSpec, device: torch.device | str = "cpu") -> TreeBuffers:
+        return TreeBuffers(spec, device)
 
     def __init__(self, spec: TreeSpec, device: torch.device | str = "cpu"):
         self.spec = spec

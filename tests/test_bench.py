@@ -77,7 +77,7 @@ def test_results_json_schema(full_run):
     assert on_disk["vanilla"]["baseline"] in ("vanilla_loop", "vanilla_hf")
     assert on_disk["methods"][on_disk["vanilla"]["baseline"]]["speedup"] == pytest.approx(1.0)
     assert on_disk["methods"]["medusa"]["tree"] == {
-        "source": "chain", "num_nodes": 5, "depth": 4, "paths": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
+        "source": "chain", "num_nodes": 5, "depth": 4, "shape": "static", "paths": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
     }
     assert on_disk["methods"]["amphista"]["drafter"]["type"] == "amphista"
     env = on_disk["environment"]

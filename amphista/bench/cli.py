@@ -81,6 +81,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
     p.add_argument(
+        "--tree-shape",
+        choices=("default", "static", "dynamic", "both"),
+        default="default",
+        help="static: verify the same tree every step; dynamic: shape each step's tree (as many nodes) from "
+        "the drafter's probabilities at that step; both: every speculative method in each shape, side by side "
+        "(NAME:static, NAME:dynamic); default: dynamic with --tree auto, static with a given tree or --tree-sweep",
+    )
+    p.add_argument(
         "--batch-sizes",
         metavar="B,B,...",
         help="batched decoding instead: at each batch size, that many first turns decoded together by plain "
@@ -171,6 +179,7 @@ def config_from_args(args):
         tree=args.tree,
         tree_nodes=args.tree_nodes,
         tree_sweep=_sizes(args.tree_sweep),
+        tree_shape=args.tree_shape,
         head_accuracies=_pairs(args.head_accuracy, "--head-accuracy"),
         hf_baseline=not args.no_hf_baseline,
         device=args.device,

@@ -55,6 +55,9 @@ class BenchConfig:
     tree: object = None  # a name, a JSON file, a path list, or "auto" (built from head accuracies)
     tree_nodes: int | None = None  # with tree "auto": a fixed tree of this size instead of the cost model
     tree_sweep: list[int] | None = None  # one method per drafter and tree size, built from head accuracies
+    # "default" (dynamic trees with "auto", the given shape otherwise, as generate and serve), "static",
+    # "dynamic", or "both": every speculative method twice, named NAME:static and NAME:dynamic.
+    tree_shape: str = "default"
     head_accuracies: dict = field(default_factory=dict)  # name -> file or list; default: head_accuracy.json
     hf_baseline: bool = True  # also time `transformers` generate() as a vanilla candidate
     extra_methods: dict = field(
@@ -72,6 +75,10 @@ class BenchConfig:
     plots: bool = True
 
 
+# --tree-shape: the `dynamic` argument of each speculative method's decoder (None: the decoder's default).
+TREE_SHAPES = {"default": (None,), "static": (False,), "dynamic": (True,), "both": (False, True)}
+
+
 def _check_settings(cfg: BenchConfig) -> None:
     if not isinstance(cfg.runs, int) or cfg.runs < 1:
         raise InputError(f"runs must be a positive integer, got {cfg.runs!r}")
@@ -81,6 +88,8 @@ def _check_settings(cfg: BenchConfig) -> None:
         raise InputError(f"temperature must be >= 0, got {cfg.temperature}")
     if cfg.tree_sweep is not None and (not cfg.tree_sweep or any(int(n) < 2 for n in cfg.tree_sweep)):
         raise InputError(f"tree sizes must be at least 2 nodes (root + 1), got {cfg.tree_sweep}")
+    if cfg.tree_shape not in TREE_SHAPES:
+        raise InputError(f"tree_shape must be one of {', '.join(TREE_SHAPES)}, got {cfg.tree_shape!r}")
     clash = set(cfg.extra_methods) & {LOOP, "vanilla_hf"}
     if clash:
         raise InputError(f"{sorted(clash)} are the vanilla methods' names: name custom methods differently")
@@ -148,20 +157,24 @@ def prepare(cfg: BenchConfig):
         path = spec if _is_path(spec) else None
         drafter = loading.load_drafter_dir(name, spec, target, cfg.drafter_dtype) if path else spec
         info = {"drafter": drafter_info(drafter, path)}
-        if cfg.tree_sweep is not None:
-            for n in cfg.tree_sweep:
-                tree = build_tree(accuracies[name], int(n))
-                sweep.setdefault(name, []).append((f"{name}@{n}", int(n), expected_tau(tree, accuracies[name])))
-                methods.append(
-                    _speculative(f"{name}@{n}", target, drafter, tree, info, f"build_tree({n})", profile)
+        for dynamic in TREE_SHAPES[cfg.tree_shape]:
+            label = name if cfg.tree_shape != "both" else f"{name}:{'dynamic' if dynamic else 'static'}"
+            if cfg.tree_sweep is not None:
+                for n in cfg.tree_sweep:
+                    tree = build_tree(accuracies[name], int(n))
+                    sweep.setdefault(label, []).append((f"{label}@{n}", int(n), expected_tau(tree, accuracies[name])))
+                    methods.append(
+                        _speculative(f"{label}@{n}", target, drafter, tree, info, f"build_tree({n})", profile, dynamic=dynamic)
+                    )
+            else:
+                choice = _tree_choice(cfg, name, spec)
+                tree = loading.tree_for(choice, cfg.tree_nodes, accuracies.get(name))
+                source = (
+                    f"build_tree({cfg.tree_nodes})" if isinstance(tree, TreeSpec) and choice == "auto" else choice
                 )
-        else:
-            choice = _tree_choice(cfg, name, spec)
-            tree = loading.tree_for(choice, cfg.tree_nodes, accuracies.get(name))
-            source = (
-                f"build_tree({cfg.tree_nodes})" if isinstance(tree, TreeSpec) and choice == "auto" else choice
-            )
-            methods.append(_speculative(name, target, drafter, tree, info, source, profile, accuracies.get(name)))
+                methods.append(
+                    _speculative(label, target, drafter, tree, info, source, profile, accuracies.get(name), dynamic)
+                )
     for name, obj in cfg.extra_methods.items():
         methods.append(Method(name, obj, "custom", {"class": type(obj).__name__}))
     for q in questions:  # later turns depend on the answers; the first ones can be checked now
@@ -174,15 +187,20 @@ def prepare(cfg: BenchConfig):
     return target, questions, methods, sweep
 
 
-def _speculative(name, target, drafter, tree, info, source, profile: bool = False, accuracies=None) -> Method:
+def _speculative(
+    name, target, drafter, tree, info, source, profile: bool = False, accuracies=None, dynamic=None
+) -> Method:
     # raises DrafterMismatchError / TreeError
-    decoder = SpeculativeDecoder(target, drafter, tree=tree, accuracies=accuracies)
+    decoder = SpeculativeDecoder(target, drafter, tree=tree, accuracies=accuracies, dynamic=dynamic)
     decoder.profile_steps = profile
     spec = decoder.tree
     tree_info = {
         "source": source if isinstance(source, str) else "paths",
         "num_nodes": spec.num_nodes,
         "depth": spec.depth,
+        # A dynamic tree has these many nodes at every step, shaped from that step's drafts; `paths` is
+        # the static tree of the same size it starts from.
+        "shape": "dynamic" if decoder.dynamic_trees else "static",
         "paths": spec.to_json(),
     }
     return Method(name, decoder, "speculative", {**info, "tree": tree_info})
@@ -296,6 +314,7 @@ def _settings_dict(cfg: BenchConfig, questions) -> dict:
         "seed",
         "tree_nodes",
         "tree_sweep",
+        "tree_shape",
         "hf_baseline",
         "device",
         "dtype",

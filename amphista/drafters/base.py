@@ -64,6 +64,13 @@ class Drafter(nn.Module):
         only the winners to target ids, instead of spreading N logits over V."""
         return torch.topk(self.draft(hidden, next_tokens, start_pos)[:depth], k, dim=-1).indices
 
+    def draft_topk_probs(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: int, depth: int, k: int):
+        """As `draft_topk`, with the drafter's own probabilities of those tokens: ((depth, k) target ids,
+        (depth, k) float32 probabilities, best first). Dynamic trees are shaped from them."""
+        probs = self.draft(hidden, next_tokens, start_pos)[:depth].float().softmax(-1)
+        top = torch.topk(probs, k, dim=-1)
+        return top.indices, top.values
+
     def reset_rows(self, capacity: int, max_length: int) -> None:
         """Forget every sequence; make room for `capacity` rows (state slots) of up to `max_length` committed
         positions each."""

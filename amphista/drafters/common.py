@@ -194,6 +194,14 @@ class HeadDrafter(Drafter):
         return self._top_ids(self._draft_logits(hidden, next_tokens, start_pos, depth), k)
 
     @torch.inference_mode()
+    def draft_topk_probs(self, hidden, next_tokens, start_pos, depth: int, k: int):
+        """See Drafter.draft_topk_probs; the softmax and top-k are over the draft vocabulary."""
+        logits = self._draft_logits(hidden, next_tokens, start_pos, depth)
+        self._check_k(logits, k)
+        top = torch.topk(logits.float().softmax(-1), k, dim=-1)
+        return self.target_ids(top.indices), top.values
+
+    @torch.inference_mode()
     def draft_rows(self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None):
         """See Drafter.draft_rows; as in draft_topk, the top-k is taken over the draft vocabulary."""
         logits = self._draft_rows_logits(hidden, next_tokens, start, count, depth, rows)
@@ -201,13 +209,16 @@ class HeadDrafter(Drafter):
 
     def _top_ids(self, logits: torch.Tensor, k: int) -> torch.Tensor:
         """(..., N) draft-space logits -> (..., k) target ids of the k best."""
+        self._check_k(logits, k)
+        return self.target_ids(torch.topk(logits, k, dim=-1).indices)
+
+    @staticmethod
+    def _check_k(logits: torch.Tensor, k: int) -> None:
         if k > logits.shape[-1]:
             raise InputError(
                 f"the tree asks for rank {k - 1} but the drafter's draft vocabulary has {logits.shape[-1]} "
                 "tokens: use a narrower tree or a drafter with a larger draft_vocab_size"
             )
-        top = torch.topk(logits, k, dim=-1).indices
-        return top if self.d2t is None else self.d2t[top]
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, T, d) in the drafter's dtype."""

@@ -1,0 +1,161 @@
+"""Dynamic trees: each step's tree shaped from the drafter's probabilities at that step, output unchanged."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import hf_greedy, tiny_target
+
+import amphista
+from amphista.bench.runner import BenchConfig, prepare
+from amphista.decoder import TreeMask
+from amphista.drafters import AdversarialDrafter, OracleDrafter, RandomDrafter
+from amphista.tree import TreeBuffers, TreeSpec, dynamic_tree
+
+
+def _value(probs, path) -> float:
+    v = 1.0
+    for level, rank in enumerate(path):
+        v *= probs[level][rank]
+    return v
+
+
+def test_the_dynamic_tree_is_the_most_valuable_prefix_closed_set():
+    rng = random.Random(0)
+    for _ in range(300):
+        depth, width = rng.randint(1, 4), rng.randint(1, 4)
+        probs = [sorted((rng.random() ** 3 for _ in range(width)), reverse=True) for _ in range(depth)]
+        nodes = rng.randint(2, 14)
+        tree = dynamic_tree(probs, nodes)
+        every = [p for d in range(1, depth + 1) for p in itertools.product(range(width), repeat=d)]
+        best = sorted((_value(probs, p) for p in every), reverse=True)[: nodes - 1]
+        assert sum(_value(probs, p) for p in tree.paths) == pytest.approx(sum(best))
+        assert tree.num_nodes == min(nodes, len(every) + 1)
+        assert TreeSpec.from_paths(tree.to_json()) == tree  # a valid tree, in the canonical order
+
+
+def test_the_tree_goes_deep_where_the_drafter_is_sure_and_wide_where_it_hesitates():
+    sure = [[0.95, 0.02, 0.01]] * 4
+    unsure = [[0.3, 0.25, 0.2], [0.5, 0.2, 0.1], [0.9, 0.05, 0.01], [0.9, 0.05, 0.01]]
+    assert dynamic_tree(sure, 5).paths == ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0))
+    assert dynamic_tree(unsure, 5).paths == ((0,), (1,), (2,), (0, 0))
+
+
+@pytest.mark.parametrize("probs, nodes, match", [([[0.5]], 1, "at least 2 nodes"), ([], 4, "at least one head")])
+def test_bad_dynamic_tree_arguments(probs, nodes, match):
+    with pytest.raises(amphista.TreeError, match=match):
+        dynamic_tree(probs, nodes)
+
+
+def test_a_mask_reused_across_trees_of_any_shape_equals_a_fresh_one():
+    trees = [
+        TreeSpec.from_paths([[0], [1], [0, 0], [0, 1], [1, 0]]),
+        TreeSpec.from_paths([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]),
+        TreeSpec.from_paths([[0], [1], [2]]),  # fewer nodes than the first
+        TreeSpec.from_paths([[0], [1], [2], [3], [0, 0]]),
+    ]
+    reused = TreeMask(TreeBuffers(trees[0]), 64, torch.float32, "cpu", None, None)
+    start = 3
+    for step in range(12):
+        buf = TreeBuffers.of(trees[step % len(trees)])
+        got = reused(start, buf).clone()
+        want = TreeMask(buf, 64, torch.float32, "cpu", None, None)(start)
+        assert torch.equal(got, want), step
+        start += 1 + step % 3
+
+
+def test_dynamic_is_on_with_auto_and_off_with_a_given_tree(llama):
+    drafter = RandomDrafter(97, 32, num_heads=3)
+    accuracies = [[0.6, 0.7], [0.4, 0.5], [0.3, 0.35]]
+    assert amphista.SpeculativeDecoder(llama, drafter, tree="auto", accuracies=accuracies).dynamic_trees
+    assert not amphista.SpeculativeDecoder(llama, drafter, tree="chain").dynamic_trees
+    assert amphista.SpeculativeDecoder(llama, drafter, tree="chain", dynamic=True).dynamic_trees
+    decoder = amphista.SpeculativeDecoder(llama, drafter, tree="auto", accuracies=accuracies, dynamic=False)
+    assert not decoder.dynamic_trees
+    with pytest.raises(amphista.InputError, match="dynamic must be True, False or None"):
+        amphista.SpeculativeDecoder(llama, drafter, dynamic="yes")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral_sw"])
+def test_dynamic_trees_keep_greedy_output_identical(arch):
+    model = tiny_target(arch, seed=3)
+    rng = random.Random(arch)
+    for trial in range(3):
+        prompt = [rng.randrange(3, 97) for _ in range(rng.randint(1, 10))]
+        max_new = rng.randint(5, 40)
+        ref = hf_greedy(model, prompt, max_new)
+        drafters = [
+            OracleDrafter(ref, 97, 32, num_heads=4, error_rate=0.4, seed=trial),
+            RandomDrafter(97, 32, num_heads=4, seed=trial),
+            AdversarialDrafter(ref, 97, 32, num_heads=4, seed=trial),
+        ]
+        for drafter in drafters:
+            for tree in ("chain", [[0], [1], [0, 0], [1, 0], [0, 0, 0]], "mc_sim_7b_63"):
+                dec = amphista.SpeculativeDecoder(model, drafter, tree=tree, dynamic=True)
+                out = dec.generate(prompt, max_new_tokens=max_new)
+                assert out.sequences[0].tolist() == ref, (arch, type(drafter).__name__, tree)
+                assert all(1 <= a <= 5 for a in out.accept_lengths)
+
+
+class _SureOracle(OracleDrafter):
+    """The right tokens with near-certainty (the stub's logits are 3 for the truth, 0..1 elsewhere)."""
+
+    def _logits(self, last):
+        return super()._logits(last) * 10.0
+
+
+def test_a_sure_drafter_gets_a_chain_from_a_wide_tree(llama):
+    """A wide static tree accepts at most 2 drafts per step; a dynamic one of the same size follows a
+    drafter that is sure of its top tokens down to every head."""
+    prompt = [5, 6, 7]
+    ref = hf_greedy(llama, prompt, 40)
+    wide = [[0], [1], [2], [3], [0, 0], [1, 0]]
+    static = amphista.SpeculativeDecoder(llama, _SureOracle(ref, 97, 32, num_heads=4), tree=wide)
+    dynamic = amphista.SpeculativeDecoder(llama, _SureOracle(ref, 97, 32, num_heads=4), tree=wide, dynamic=True)
+    a = static.generate(prompt, max_new_tokens=40, eos_token_id=[])
+    b = dynamic.generate(prompt, max_new_tokens=40, eos_token_id=[])
+    assert a.sequences[0].tolist() == b.sequences[0].tolist() == ref
+    assert max(a.accept_lengths) == 3
+    assert b.accept_lengths == [1] + [5] * 7 + [4]  # every head's draft accepted, the bonus token too
+
+
+def test_drafted_probabilities_come_with_the_top_tokens(tiny_drafters):
+    target, drafters = tiny_drafters
+    for drafter in drafters:
+        drafter.reset(32)
+        hidden = torch.randn(1, 3, target.config.hidden_size)
+        ids, probs = drafter.draft_topk_probs(hidden, torch.tensor([[4, 5, 6]]), 0, 2, 3)
+        drafter.reset(32)
+        assert torch.equal(ids, drafter.draft_topk(hidden, torch.tensor([[4, 5, 6]]), 0, 2, 3))
+        assert probs.dtype == torch.float32 and probs.shape == (2, 3)
+        assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(-1) <= 1.0 + 1e-6).all()
+
+
+@pytest.fixture
+def tiny_drafters(llama):
+    from amphista.drafters import AmphistaDrafter, MedusaDrafter
+
+    made = []
+    for cls in (AmphistaDrafter, MedusaDrafter):
+        for d2t in (None, list(range(3, 19))):  # the full vocabulary, then a draft vocabulary of 16
+            torch.manual_seed(0)
+            made.append(cls.for_target(llama, 3, d2t=d2t).eval())
+    return llama, made
+
+
+def test_bench_runs_both_shapes_side_by_side(tmp_path):
+    cfg = BenchConfig(tree_sweep=[4], tree_shape="both", limit=1, max_new_tokens=8, runs=1, progress=False)
+    _, _, methods, sweep = prepare(cfg)
+    shapes = {m.name: m.info["tree"]["shape"] for m in methods if m.kind == "speculative"}
+    assert shapes == {
+        "amphista:static@4": "static",
+        "amphista:dynamic@4": "dynamic",
+        "medusa:static@4": "static",
+        "medusa:dynamic@4": "dynamic",
+    }
+    assert set(sweep) == {"amphista:static", "amphista:dynamic", "medusa:static", "medusa:dynamic"}
+    with pytest.raises(amphista.InputError, match="tree_shape must be one of"):
+        prepare(BenchConfig(tree_shape="wavy"))
