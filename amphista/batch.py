@@ -439,12 +439,13 @@ class BatchEngine:
         sync(device)
         seconds = time.perf_counter() - ts
         finished = []
+        kept_rows = kept.unbind(0) if self.drafter is not None else ()  # one call, not one index per row
         for b, (r, nodes, new) in enumerate(zip(rows, accepted, new_tokens)):
             if self.drafter is not None:
                 r.plain_steps += tree is None
                 if not r.pending_tokens:
                     r.pending_start = r.length
-                r.pending_hidden.append(kept[b, : len(nodes)])
+                r.pending_hidden.append(kept_rows[b] if tree is None else kept_rows[b][: len(nodes)])
                 r.pending_tokens.extend(new)
             r.length += len(nodes)
             r.root = new[-1]

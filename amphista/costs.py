@@ -375,7 +375,8 @@ class TreePolicy:
         self._was_plain = False  # the latest step decoded plainly (its drafter fell behind)
         self._observations = 0
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
-        self.gain = 1.0
+        self._gain = 1.0
+        self._gain_stale = False  # observations moved the means since `gain` was last solved for
         self._gain_steps = 0
         self._observed = self._promised = 0.0  # means of accepted / promised drafts per step (see observe)
         self._gain_candidate: Candidate | None = None  # the tree whose steps last measured the gain
@@ -390,9 +391,9 @@ class TreePolicy:
 
     def _rates(self, rows: int) -> list[float]:
         """Predicted committed tokens per second of each candidate, corrected by observations."""
-        bucket = _bucket(rows)
+        bucket, gain = _bucket(rows), self.gain
         return [
-            rows * c.tau_at(self.gain) / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
+            rows * c.tau_at(gain) / (s * math.exp(self._log_ratio.get((bucket, c.nodes), 0.0)))
             for c, s in zip(self.candidates, self._predicted(rows))
         ]
 
@@ -484,9 +485,20 @@ class TreePolicy:
             self._choice.clear()
 
     def _update_gain(self) -> None:
-        candidate = self._gain_candidate
-        ratio = self._observed / self._promised if self._promised > 0 else 1.0
-        self.gain = _solve_gain(candidate, ratio * (candidate.tau - 1.0))
+        # Solved when next read, not per observation: a bisection per step cost a plain 16-row step of the
+        # bundled model ~3%, and the choice reads it once every REVISIT steps.
+        self._gain_stale = True
+
+    @property
+    def gain(self) -> float:
+        """Observed / expected accepted drafts, as the gain at which the tree that measured them promises
+        their ratio (see observe); 1.0 before any tree step."""
+        if self._gain_stale:
+            self._gain_stale = False
+            candidate = self._gain_candidate
+            ratio = self._observed / self._promised if self._promised > 0 else 1.0
+            self._gain = _solve_gain(candidate, ratio * (candidate.tau - 1.0))
+        return self._gain
 
     def table(self, rows_list=ROWS) -> list[dict]:
         """Per row count: the chosen size, its expected tau and predicted tokens/s, and plain decoding's."""
