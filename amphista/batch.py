@@ -29,7 +29,7 @@ from .errors import InputError
 from .generation import GenerateOutput, Request, sync
 from .sampling import sample, target_probs
 from .target import attention_layout, window_masks
-from .tree import TreeBuffers, TreeSpec
+from .tree import TreeBuffers, TreeSpec, dynamic_tree
 from .verify import accepted_path, verify_sampling, verify_typical
 
 
@@ -327,8 +327,9 @@ class BatchEngine:
     # prompt, read at its first tree step, is read whole).
     CATCH_UP = 32
 
-    def _draft(self, tree: TreeSpec) -> torch.Tensor:
-        """(B, depth, k) target ids from every live row's unseen committed positions."""
+    def _draft(self, depth: int, k: int, probs: bool = False):
+        """(B, depth, k) target ids from every live row's unseen committed positions (probs=True: and the
+        drafter's probabilities of them)."""
         device = self.target.device
         rows = self.rows
         skipped = [b for b, r in enumerate(rows) if r.plain_steps > self.CATCH_UP]
@@ -350,9 +351,7 @@ class BatchEngine:
             tokens[b, : len(r.pending_tokens)] = torch.tensor(r.pending_tokens, device=device)
         start = torch.tensor([r.pending_start for r in rows], device=device)
         count = torch.tensor([len(r.pending_tokens) for r in rows], device=device)
-        top = self.drafter.draft_rows(
-            hidden, tokens, start, count, tree.depth, tree.max_rank + 1, rows=slice(0, len(rows))
-        )
+        top = self.drafter.draft_rows(hidden, tokens, start, count, depth, k, rows=slice(0, len(rows)), probs=probs)
         for r in rows:
             r.pending_hidden, r.pending_tokens, r.plain_steps = [], [], 0
         return top
@@ -377,8 +376,18 @@ class BatchEngine:
         buf = self._buffers_for(tree)
         N = buf.num_nodes
         roots = torch.tensor([[r.root] for r in rows], device=device)
-        if tree is not None:
-            top = self._draft(tree)  # (B, depth, k)
+        shape = None
+        if tree is not None and policy is not None and getattr(self.decoder, "dynamic_trees", False):
+            shape = self.decoder.dynamic_shape(N)
+        bufs = None  # per row, where each row's tree is shaped from its own drafts
+        if shape is not None:
+            top, probs = self._draft(*shape, probs=True)  # (B, depth, k) each
+            prior = self.decoder.tree_prior
+            bufs = [TreeBuffers.of(dynamic_tree(p, N, prior), device) for p in probs.tolist()]
+            head, rank = torch.stack([b.head for b in bufs]), torch.stack([b.rank for b in bufs])  # (B, N-1)
+            tokens = torch.cat([roots, top.reshape(B, -1).gather(1, head * shape[1] + rank)], dim=1)  # (B, N)
+        elif tree is not None:
+            top = self._draft(tree.depth, tree.max_rank + 1)  # (B, depth, k)
             tokens = torch.cat([roots, top.view(B, -1)[:, buf.flat]], dim=1)  # (B, N)
         else:
             tokens = roots
@@ -392,17 +401,23 @@ class BatchEngine:
             mask = torch.where(cols <= positions, 0.0, torch.finfo(target.dtype).min).to(target.dtype)
             mask = mask[:, None, None, :]  # (B, 1, 1, kv)
         else:
-            positions = start[:, None] + buf.depth[None]  # (B, N)
             rel = cols - start[:, None]  # (B, kv)
             in_tree = (rel >= 0) & (rel < N)
-            ancestors = buf.mask[:, rel.clamp(0, N - 1)].permute(1, 0, 2)  # (B, N, kv)
+            node = rel.clamp(0, N - 1)  # (B, kv): the tree node a column holds, where it holds one
+            if bufs is None:
+                depth = buf.depth[None]  # (1, N)
+                ancestors = buf.mask[:, node].permute(1, 0, 2)  # (B, N, kv)
+            else:
+                depth = torch.stack([b.depth for b in bufs])  # (B, N)
+                ancestors = torch.stack([b.mask for b in bufs]).gather(2, node[:, None, :].expand(B, N, -1))
+            positions = start[:, None] + depth  # (B, N)
             allowed = (rel < 0)[:, None, :] | (in_tree[:, None, :] & ancestors)
             mask = torch.zeros(B, 1, N, kv_end, dtype=target.dtype, device=device)
             mask.masked_fill_(~allowed[:, None], torch.finfo(target.dtype).min)
             # Node j of row b sits in cache slot start_b + j (commit expects that order); its position, its depth.
             slots = start[:, None] + torch.arange(N, device=device)[None]
             if self.window is not None:
-                kv_pos = torch.where(in_tree, start[:, None] + buf.depth[rel.clamp(0, N - 1)], cols)
+                kv_pos = torch.where(in_tree, start[:, None] + depth.expand(B, -1).gather(1, node), cols)
         self.cache.prepare(slice(0, B), slots, kv_end)
         out = target.forward(
             tokens,
@@ -417,15 +432,16 @@ class BatchEngine:
         accepted, new_tokens = [], []
         for b, r in enumerate(rows):
             req = r.request
+            row_buf = buf if bufs is None else bufs[b]
             if req.params.greedy:
                 if tree is None:
                     nodes, bonus = [0], argmax[b][0]
                 else:
-                    nodes, bonus = accepted_path(tok[b], buf.children, argmax[b].__getitem__)
+                    nodes, bonus = accepted_path(tok[b], row_buf.children, argmax[b].__getitem__)
             elif req.acceptance == "typical":
-                nodes, _, bonus = verify_typical(tokens[b], logits[b], buf, req.params, req.sampler, starts[b])
+                nodes, _, bonus = verify_typical(tokens[b], logits[b], row_buf, req.params, req.sampler, starts[b])
             else:
-                nodes, _, bonus = verify_sampling(tokens[b], logits[b], buf, req.params, req.sampler, starts[b])
+                nodes, _, bonus = verify_sampling(tokens[b], logits[b], row_buf, req.params, req.sampler, starts[b])
             accepted.append(nodes)
             new_tokens.append([tok[b][i] for i in nodes[1:]] + [bonus])
         self.cache.commit(B, starts, accepted)

@@ -24,26 +24,36 @@ from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
 
 
-def auto_policy(decoder: SpeculativeDecoder):
-    """tree="auto": a TreePolicy from the drafter's head accuracies and this machine's measured step costs
-    (calibrated once per model, drafter, device and thread count, then cached; see docs/cost-model.md)."""
-    from .batch import StepTimer
-    from .costs import ROWS, CostModel, TreePolicy, cost_key, load_or_calibrate
+def head_accuracies(decoder: SpeculativeDecoder, required: bool = True):
+    """The decoder's head accuracies for greedy trees: `accuracies=` (lists or a file), else the
+    head_accuracy.json beside the drafter's weights; None (or TreeError when `required`) without either."""
     from .tree import load_accuracies
 
-    drafter = decoder.drafter
     accuracies = decoder.accuracies
     if accuracies is None:
-        path = getattr(drafter, "accuracy_file", None)
+        path = getattr(decoder.drafter, "accuracy_file", None)
         if path is None:
+            if not required:
+                return None
             raise TreeError(
                 "tree='auto' needs the drafter's head accuracies: load the drafter from a folder holding "
                 "head_accuracy.json (training writes it; `amphista heads-accuracy` measures it), pass "
                 "accuracies= (per-head top-k lists), or give a fixed tree"
             )
-        accuracies = load_accuracies(path, greedy=True)
-    elif isinstance(accuracies, (str, bytes)) or hasattr(accuracies, "__fspath__"):
-        accuracies = load_accuracies(accuracies, greedy=True)
+        return load_accuracies(path, greedy=True)
+    if isinstance(accuracies, (str, bytes)) or hasattr(accuracies, "__fspath__"):
+        return load_accuracies(accuracies, greedy=True)
+    return accuracies
+
+
+def auto_policy(decoder: SpeculativeDecoder):
+    """tree="auto": a TreePolicy from the drafter's head accuracies and this machine's measured step costs
+    (calibrated once per model, drafter, device and thread count, then cached; see docs/cost-model.md)."""
+    from .batch import StepTimer
+    from .costs import ROWS, CostModel, TreePolicy, cost_key, load_or_calibrate
+
+    drafter = decoder.drafter
+    accuracies = head_accuracies(decoder)
     # The candidate trees first (they need no costs), then the cost of a whole step with each of them.
     policy = TreePolicy(CostModel({(1, 1): 1.0}), accuracies, max_depth=drafter.num_heads)
     trees = {c.nodes: c.tree for c in policy.candidates}
@@ -121,9 +131,9 @@ class SpeculativeDecoder(Decoder):
             top-k lists); default None: the file beside a drafter loaded from a folder.
         dynamic: shape each step's tree from the drafter's own probabilities at that step (as many nodes as
             the tree in use, placed where the drafter is most confident: deep when it is sure, wide when it
-            hesitates), instead of verifying the same shape every step. Default None: on with tree="auto",
-            off with a given tree. Output is exact either way; batched decoding (generate_batch) keeps
-            static trees.
+            hesitates), blended with the measured path frequencies of its head accuracies where it has them,
+            instead of verifying the same shape every step; each row of generate_batch gets its own.
+            Default None: on with tree="auto", off with a given tree. Output is exact either way.
 
     `generate` and `stream` take the keywords listed in `help(SpeculativeDecoder.generate)`; each returned
     GenerateOutput also reports `accept_lengths` and `tau`, the mean tokens per target forward.
@@ -157,6 +167,9 @@ class SpeculativeDecoder(Decoder):
         """Verify with another token tree from now on (same forms as the constructor's `tree`)."""
         self.auto = isinstance(tree, str) and tree == "auto"
         self.dynamic_trees = self.auto if self.dynamic is None else self.dynamic
+        # Dynamic trees blend in the measured path frequencies where the drafter has them (see dynamic_tree).
+        accuracies = head_accuracies(self, required=False) if self.dynamic_trees else None
+        self.tree_prior = getattr(accuracies, "paths", None)
         if self.auto:
             self.tree_policy = auto_policy(self)
             # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding);
@@ -166,6 +179,15 @@ class SpeculativeDecoder(Decoder):
             spec = TreeSpec.load(tree, self.drafter.num_heads)
             self._use(spec)
             self.tree_policy = FixedTree(spec)
+
+    def dynamic_shape(self, nodes: int) -> tuple[int, int] | None:
+        """(heads, ranks per head) a dynamic tree of `nodes` nodes draws from, or None where they cannot
+        fill it (a one-head drafter, a tiny draft vocabulary): such steps keep the static tree."""
+        d2t = getattr(self.drafter, "d2t", None)
+        vocab = self.target.vocab_size if d2t is None else d2t.numel()
+        depth = min(self.drafter.num_heads, nodes - 1)
+        k = min(nodes - 1, self.DYNAMIC_WIDTH, vocab)
+        return (depth, k) if sum(k**d for d in range(1, depth + 1)) >= nodes - 1 else None
 
     def _use(self, spec: TreeSpec | None) -> None:
         self._plain = spec is None
@@ -202,13 +224,11 @@ class SpeculativeDecoder(Decoder):
         mask = TreeMask(buf, cache.max_len, target.dtype, device, self.window, self.layer_types)
         drafter.reset(cache.max_len)
         depth, k = self.tree.depth, self.tree.max_rank + 1
-        dynamic = self.dynamic_trees
-        if dynamic:  # every step: the best tree of buf.num_nodes nodes for that step's drafts
-            d2t = getattr(drafter, "d2t", None)
-            draft_vocab = target.vocab_size if d2t is None else d2t.numel()
-            size = buf.num_nodes
-            depth = min(drafter.num_heads, size - 1)
-            k = min(size - 1, self.DYNAMIC_WIDTH, draft_vocab)
+        size = buf.num_nodes
+        shape = self.dynamic_shape(size) if self.dynamic_trees else None
+        dynamic = shape is not None
+        if dynamic:  # every step: the best tree of `size` nodes for that step's drafts
+            depth, k = shape
         generated: list[int] = []
         accept_lengths: list[int] = []
         step_times: list[float] = []
@@ -239,7 +259,7 @@ class SpeculativeDecoder(Decoder):
             with decode_attention(device):
                 if dynamic:
                     top, probs = drafter.draft_topk_probs(*draft_in, depth, k)  # (D, k) ids, probabilities
-                    spec = dynamic_tree(probs.tolist(), size)
+                    spec = dynamic_tree(probs.tolist(), size, self.tree_prior)
                     buf = TreeBuffers.of(spec, device)
                     top = top[: spec.depth, : spec.max_rank + 1]
                 else:

@@ -44,6 +44,17 @@ def test_the_tree_goes_deep_where_the_drafter_is_sure_and_wide_where_it_hesitate
     assert dynamic_tree(unsure, 5).paths == ((0,), (1,), (2,), (0, 0))
 
 
+def test_a_prior_of_measured_path_frequencies_reshapes_the_tree():
+    """Head 1 is unsure between two tokens; the table says the second head is right after the top-1 far more
+    often than the product of the two guesses suggests (the heads are not independent)."""
+    probs = [[0.45, 0.40, 0.1], [0.3, 0.2, 0.1]]
+    assert dynamic_tree(probs, 4).paths == ((0,), (1,), (0, 0))
+    prior = {(0,): 0.5, (1,): 0.1, (2,): 0.05, (0, 0): 0.45, (0, 1): 0.02}
+    assert dynamic_tree(probs, 4, prior).paths == ((0,), (1,), (0, 0))
+    assert dynamic_tree(probs, 3, prior).paths == ((0,), (0, 0))  # (0, 0) before (1,)
+    assert dynamic_tree(probs, 3).paths == ((0,), (1,))
+
+
 @pytest.mark.parametrize("probs, nodes, match", [([[0.5]], 1, "at least 2 nodes"), ([], 4, "at least one head")])
 def test_bad_dynamic_tree_arguments(probs, nodes, match):
     with pytest.raises(amphista.TreeError, match=match):
@@ -122,6 +133,37 @@ def test_a_sure_drafter_gets_a_chain_from_a_wide_tree(llama):
     assert b.accept_lengths == [1] + [5] * 7 + [4]  # every head's draft accepted, the bonus token too
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral_sw"])
+def test_batched_dynamic_trees_keep_every_row_exact_and_sampling_seeded(arch):
+    model = tiny_target(arch, seed=4)
+    rng = random.Random(arch)
+    prompts = [[rng.randrange(3, 97) for _ in range(rng.randint(1, 12))] for _ in range(5)]
+    plain = amphista.VanillaDecoder(model)
+    ref = [o.new_tokens for o in plain.generate_batch(prompts, max_new_tokens=30)]
+    drafters = [RandomDrafter(97, 32, num_heads=4, seed=1), OracleDrafter([], 97, 32, num_heads=4)]
+    for drafter in drafters:
+        for tree in ([[0], [1], [0, 0], [1, 0], [0, 0, 0]], "chain"):
+            dec = amphista.SpeculativeDecoder(model, drafter, tree=tree, dynamic=True)
+            outs = dec.generate_batch(prompts, max_new_tokens=30)
+            assert [o.new_tokens for o in outs] == ref, (arch, type(drafter).__name__, tree)
+    kw = dict(max_new_tokens=20, temperature=0.9, seed=11, eos_token_id=[])
+    sampled = [o.new_tokens for o in plain.generate_batch(prompts, **kw)]
+    dec = amphista.SpeculativeDecoder(model, RandomDrafter(97, 32, num_heads=3, seed=2), tree="chain", dynamic=True)
+    assert [o.new_tokens for o in dec.generate_batch(prompts, **kw)] == sampled
+
+
+def test_batched_dynamic_trees_follow_each_rows_drafts(llama):
+    """Rows decoding the same prompt with a sure drafter accept every head's draft, as one row does."""
+    prompt = [5, 6, 7]
+    ref = hf_greedy(llama, prompt, 40)
+    wide = [[0], [1], [2], [3], [0, 0], [1, 0]]
+    dec = amphista.SpeculativeDecoder(llama, _SureOracle(ref, 97, 32, num_heads=4), tree=wide, dynamic=True)
+    outs = dec.generate_batch([prompt, prompt], max_new_tokens=40, eos_token_id=[])
+    for out in outs:
+        assert out.sequences[0].tolist() == ref
+        assert out.accept_lengths == [1] + [5] * 7 + [4]
+
+
 def test_drafted_probabilities_come_with_the_top_tokens(tiny_drafters):
     target, drafters = tiny_drafters
     for drafter in drafters:
@@ -132,6 +174,10 @@ def test_drafted_probabilities_come_with_the_top_tokens(tiny_drafters):
         assert torch.equal(ids, drafter.draft_topk(hidden, torch.tensor([[4, 5, 6]]), 0, 2, 3))
         assert probs.dtype == torch.float32 and probs.shape == (2, 3)
         assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(-1) <= 1.0 + 1e-6).all()
+        drafter.reset_rows(2, 32)
+        rows = drafter.draft_rows(hidden.expand(2, -1, -1), torch.tensor([[4, 5, 6]] * 2), torch.tensor([0, 0]),
+                                  torch.tensor([3, 3]), 2, 3, probs=True)  # fmt: skip
+        assert torch.equal(rows[0][0], ids) and torch.allclose(rows[1][0], probs, atol=1e-5)
 
 
 @pytest.fixture

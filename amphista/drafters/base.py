@@ -76,7 +76,9 @@ class Drafter(nn.Module):
         positions each."""
         self._no_rows()
 
-    def draft_rows(self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None):
+    def draft_rows(
+        self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None, probs: bool = False
+    ):
         """Append each row's newly committed positions and draft from its last one.
 
         hidden:      (B, n, d)  row b's new positions left-aligned: [:count[b]] are real, the rest padding
@@ -85,7 +87,8 @@ class Drafter(nn.Module):
         count:       (B,) long  real entries per row, at least 1
         rows:        the state slots of these B rows, a slice of length B; None is slice(0, B)
         returns:     (B, depth, k) target ids of the k best tokens of each of the first `depth` heads, drafted
-                     from position start[b]+count[b]-1; None when depth == 0 (the positions are only absorbed)
+                     from position start[b]+count[b]-1; None when depth == 0 (the positions are only absorbed).
+                     probs=True: (ids, (B, depth, k) float32 probabilities of those tokens), for dynamic trees
         """
         self._no_rows()
 

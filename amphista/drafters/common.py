@@ -202,10 +202,18 @@ class HeadDrafter(Drafter):
         return self.target_ids(top.indices), top.values
 
     @torch.inference_mode()
-    def draft_rows(self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None):
+    def draft_rows(
+        self, hidden, next_tokens, start, count, depth: int, k: int, rows: slice | None = None, probs: bool = False
+    ):
         """See Drafter.draft_rows; as in draft_topk, the top-k is taken over the draft vocabulary."""
         logits = self._draft_rows_logits(hidden, next_tokens, start, count, depth, rows)
-        return None if logits is None else self._top_ids(logits, k)
+        if logits is None:
+            return None
+        if not probs:
+            return self._top_ids(logits, k)
+        self._check_k(logits, k)
+        top = torch.topk(logits.float().softmax(-1), k, dim=-1)
+        return self.target_ids(top.indices), top.values
 
     def _top_ids(self, logits: torch.Tensor, k: int) -> torch.Tensor:
         """(..., N) draft-space logits -> (..., k) target ids of the k best."""

@@ -47,12 +47,15 @@ class _Stub(Drafter):
         self.calls.append((start_pos, n))
         return self._logits(start_pos + n - 1).to(hidden.device)
 
-    def draft_rows(self, hidden, next_tokens, start, count, depth, k, rows=None):
+    def draft_rows(self, hidden, next_tokens, start, count, depth, k, rows=None, probs=False):
         spans = list(zip(start.tolist(), count.tolist(), strict=True))
         self.row_calls.append(spans)
         if depth == 0:
             return None
         logits = torch.stack([self._logits(s + c - 1)[:depth] for s, c in spans])  # (B, depth, V)
+        if probs:
+            top = torch.topk(logits.softmax(-1), k, dim=-1)
+            return top.indices.to(hidden.device), top.values.to(hidden.device)
         return torch.topk(logits, k, dim=-1).indices.to(hidden.device)
 
     def _logits(self, last: int) -> torch.Tensor:
