@@ -76,6 +76,24 @@ def add_drafter_dtype(p: argparse.ArgumentParser) -> None:
     )
 
 
+# --tree-shape -> SpeculativeDecoder's `dynamic` (None: dynamic trees with --tree auto, static otherwise).
+TREE_SHAPES = {"default": None, "static": False, "dynamic": True}
+
+
+def add_tree_shape(p: argparse.ArgumentParser, both: bool = False) -> None:
+    """`--tree-shape`, the same for every command that drafts; `both` (bench): every method in each shape."""
+    p.add_argument(
+        "--tree-shape",
+        choices=(*TREE_SHAPES, "both") if both else tuple(TREE_SHAPES),
+        default="default",
+        help="static: verify the same tree every step; dynamic: shape each step's tree (as many nodes) from "
+        "the drafter's probabilities at that step and its measured path frequencies; "
+        + ("both: every speculative method in each shape, side by side (NAME:static, NAME:dynamic); " if both else "")
+        + "default: dynamic with --tree auto, static with a given tree"
+        + (" or --tree-sweep" if both else ""),
+    )
+
+
 def float_range(low: float, high: float | None = None, low_open: bool = False):
     """An argparse `type` accepting finite floats >= low (> low when low_open) and <= high."""
 

@@ -135,6 +135,7 @@ def test_target_error_from_a_fresh_process():
         (["serve", "--max-body-bytes", "0"], "--max-body-bytes"),
         (["serve", "--threads", "0"], "--threads"),
         (["serve", "--tree-nodes", "1"], "--tree-nodes"),
+        (["generate", "--tree-shape", "both"], "--tree-shape"),
         (["generate", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
         (["generate", "--prompt", "x", "--top-p", "0"], "--top-p"),
         (["generate", "--prompt", "x", "--top-k", "-1"], "--top-k"),

@@ -93,6 +93,8 @@ def test_generate_prints_the_vanilla_greedy_text(target, drafter_dir, capsys):
         ["--drafter", "none"],
         ["--stats"],  # the bundled Amphista drafter, tree built from its head accuracies
         ["--drafter", "medusa", "--tree", "chain"],
+        ["--drafter", "medusa", "--tree", "chain", "--tree-shape", "dynamic"],
+        ["--tree-shape", "static"],
         ["--drafter", drafter_dir, "--stats"],
         ["--drafter", "none", "--no-stream"],
     ):
@@ -101,6 +103,22 @@ def test_generate_prints_the_vanilla_greedy_text(target, drafter_dir, capsys):
         assert out.out == want, extra
         if "--stats" in extra:
             assert "tokens/s" in out.err and "tau" in out.err
+
+
+def test_tree_shape_reaches_the_decoder(monkeypatch):
+    from amphista.serve import loading
+
+    made = []
+    real = loading.SpeculativeDecoder
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("dynamic"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "SpeculativeDecoder", spy)
+    for shape, want in (("default", None), ("static", False), ("dynamic", True)):
+        decoder = loading.load_decoder(None, "medusa", "chain", tree_shape=shape)
+        assert made[-1] is want and decoder.dynamic_trees is bool(want)
 
 
 def test_chat_is_multi_turn_with_the_plain_template(target, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..bundled import FALLBACK_TREE
-from ..cli import HelpFormatter, add_drafter_dtype, float_range, int_range, positive_int
+from ..cli import HelpFormatter, add_drafter_dtype, add_tree_shape, float_range, int_range, positive_int
 from ..errors import InputError
 
 
@@ -80,14 +80,7 @@ def add_parser(sub) -> None:
         "instead of the cost model's choice",
     )
     p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
-    p.add_argument(
-        "--tree-shape",
-        choices=("default", "static", "dynamic", "both"),
-        default="default",
-        help="static: verify the same tree every step; dynamic: shape each step's tree (as many nodes) from "
-        "the drafter's probabilities at that step; both: every speculative method in each shape, side by side "
-        "(NAME:static, NAME:dynamic); default: dynamic with --tree auto, static with a given tree or --tree-sweep",
-    )
+    add_tree_shape(p, both=True)
     p.add_argument(
         "--batch-sizes",
         metavar="B,B,...",

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import cli
 from ..bundled import FALLBACK_TREE
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
@@ -75,8 +76,8 @@ class BenchConfig:
     plots: bool = True
 
 
-# --tree-shape: the `dynamic` argument of each speculative method's decoder (None: the decoder's default).
-TREE_SHAPES = {"default": (None,), "static": (False,), "dynamic": (True,), "both": (False, True)}
+# --tree-shape: the `dynamic` arguments of each speculative method's decoders (None: the decoder's default).
+TREE_SHAPES = {**{name: (dynamic,) for name, dynamic in cli.TREE_SHAPES.items()}, "both": (False, True)}
 
 
 def _check_settings(cfg: BenchConfig) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..cli import HelpFormatter, add_drafter_dtype, float_range, int_range, positive_int
+from ..cli import HelpFormatter, add_drafter_dtype, add_tree_shape, float_range, int_range, positive_int
 from ..errors import InputError
 
 API_KEY_ENV = "AMPHISTA_API_KEY"
@@ -42,6 +42,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="with --tree auto: verify the best N-token tree (root included) for the head accuracies at every step, "
         "instead of the cost model's choice",
     )
+    add_tree_shape(p)
     p.add_argument(
         "--threads",
         type=positive_int,
@@ -172,7 +173,9 @@ def run_generate(args) -> int:
     from .loading import load_decoder
 
     _set_threads(args)
-    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype)
+    decoder = load_decoder(
+        args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype, args.tree_shape
+    )
     return chat(decoder, args) if args.chat else complete(decoder, args, prompt)
 
 
@@ -193,7 +196,9 @@ def run_serve(args) -> int:
             file=sys.stderr,
         )
     _set_threads(args)
-    decoder = load_decoder(args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype)
+    decoder = load_decoder(
+        args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype, args.tree_shape
+    )
     app = create_app(
         decoder,
         model_name=args.model_name,

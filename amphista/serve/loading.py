@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .. import bundled
+from ..cli import TREE_SHAPES
 from ..decoder import SpeculativeDecoder
 from ..errors import InputError
 from ..generation import Decoder
@@ -84,6 +85,7 @@ def load_decoder(
     tree_nodes: int | None = None,
     threads: int | None = None,
     drafter_dtype="auto",
+    tree_shape: str = "default",
 ) -> Decoder:
     from ..threads import set_threads
 
@@ -92,4 +94,5 @@ def load_decoder(
     drafter, path = load_drafter_arg(drafter_spec, target, target_path, drafter_dtype)
     if drafter is None:
         return VanillaDecoder(target)
-    return SpeculativeDecoder(target, drafter, resolve_tree(tree, path, tree_nodes))
+    dynamic = TREE_SHAPES[tree_shape]
+    return SpeculativeDecoder(target, drafter, resolve_tree(tree, path, tree_nodes), dynamic=dynamic)
