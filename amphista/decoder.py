@@ -259,12 +259,11 @@ class SpeculativeDecoder(Decoder):
             with decode_attention(device):
                 if dynamic:
                     top, probs = drafter.draft_topk_probs(*draft_in, depth, k)  # (D, k) ids, probabilities
-                    spec = dynamic_tree(probs.tolist(), size, self.tree_prior)
-                    buf = TreeBuffers.of(spec, device)
-                    top = top[: spec.depth, : spec.max_rank + 1]
+                    buf = TreeBuffers.of(dynamic_tree(probs.tolist(), size, self.tree_prior), device)
+                    drafts = top.reshape(-1)[buf.head * k + buf.rank]
                 else:
-                    top = drafter.draft_topk(*draft_in, depth, k)  # (D, k) target ids
-            tokens = torch.cat([torch.tensor([root], device=device), top.reshape(-1)[buf.flat]])  # (N,)
+                    drafts = drafter.draft_topk(*draft_in, depth, k).view(-1)[buf.flat]  # (D, k) ids, gathered
+            tokens = torch.cat([torch.tensor([root], device=device), drafts])  # (N,)
             if parts is not None:
                 sync(device)
                 t_draft = time.perf_counter()
