@@ -14,10 +14,14 @@
 #    seed; the target's hidden states are computed once into the feature cache and read by both runs
 # 4. a second epoch from the first one's drafters (SECOND_EPOCH=1, the default): the same data in another
 #    order (seed 1), half of each drafter's default learning rate, a fresh warm-up and cosine decay
-# 5. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
+# 5. a third epoch on new data (THIRD_EPOCH=1, the default): the model's greedy answers to the next NEW_A /
+#    NEW_B prompts of the two sets (those after the ones answered in step 2, never trained on), from the
+#    second epoch's drafters, seed 2, the second epoch's learning rates; only the new answers are read
+# 6. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
 #    (written by training, from --eval-data): the shipped head_accuracy.json picks the trees
 # Times on the 2-core development machine: the feature cache ~15 min; first epoch Medusa ~17 min, Amphista
-# ~41 min; the second epoch ~20 min each.
+# ~41 min; the second epoch ~20 min each; the third: distillation ~45 min on both cores, its features ~14
+# min, Medusa ~9 min, Amphista ~17 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/smollm2}
@@ -28,6 +32,10 @@ DISTILL_B=${DISTILL_B:-1056}
 HELDOUT=${HELDOUT:-128}
 EPOCHS=${EPOCHS:-1}
 SECOND_EPOCH=${SECOND_EPOCH:-1}
+THIRD_EPOCH=${THIRD_EPOCH:-1}
+# Session 7 stopped the distillation of the next prompts after these many answers (time).
+NEW_A=${NEW_A:-1216}
+NEW_B=${NEW_B:-1248}
 AMPHISTA=${AMPHISTA:-amphista}
 PYTHON=${PYTHON:-python}
 TARGET=smollm2-135m-instruct
@@ -79,6 +87,29 @@ if [[ "$SECOND_EPOCH" == 1 ]]; then
             --data "$RUN_DIR/greedy_a.jsonl" "$RUN_DIR/greedy_b.jsonl" --eval-data "$RUN_DIR/heldout_answers.jsonl" \
             --out "$RUN_DIR/$drafter-e2" --epochs 1 --batch-size 8 --seq-len 512 --seed 1 --lr "$lr" \
             --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-e2.log" 2>&1
+    done
+fi
+
+if [[ "$SECOND_EPOCH" == 1 && "$THIRD_EPOCH" == 1 ]]; then
+    final="-e3"
+    "$PYTHON" - "$RUN_DIR" "$DISTILL_A" "$DISTILL_B" <<'EOF'
+import sys
+run, done = sys.argv[1], {"a": int(sys.argv[2]), "b": int(sys.argv[3])}
+for name in ("a", "b"):
+    lines = open(f"{run}/prompts_{name}.jsonl").read().splitlines()[done[name]:]
+    open(f"{run}/prompts_{name}_next.jsonl", "w").write("\n".join(lines) + "\n")
+EOF
+    distill prompts_a_next.jsonl greedy_a_next.jsonl "$NEW_A" & a=$!
+    distill prompts_b_next.jsonl greedy_b_next.jsonl "$NEW_B" & b=$!
+    wait $a
+    wait $b
+    for drafter in medusa amphista; do
+        lr=$([[ "$drafter" == medusa ]] && echo 1.65e-3 || echo 5e-4)
+        OMP_NUM_THREADS=2 "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --init-drafter "$RUN_DIR/$drafter-e2" \
+            --data "$RUN_DIR/greedy_a_next.jsonl" "$RUN_DIR/greedy_b_next.jsonl" \
+            --eval-data "$RUN_DIR/heldout_answers.jsonl" \
+            --out "$RUN_DIR/$drafter-e3" --epochs 1 --batch-size 8 --seq-len 512 --seed 2 --lr "$lr" \
+            --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-e3.log" 2>&1
     done
 fi
 
