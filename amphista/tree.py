@@ -134,8 +134,8 @@ def dynamic_tree(probs: list[list[float]], num_nodes: int, prior: dict | None = 
     independent: a node is then worth the geometric mean of its frequency and its product. Offline, on
     held-out text, the product alone beat the static tree by 4-9% in tau on SmolLM2 but lost 1-3% on the
     bundled model, whose heads' correlations the table captures; the blend beat the static tree on both
-    (SmolLM2 +2-9%, bundled +0.5-2%, at 4-16 nodes). Values are then nearly but not exactly ordered by rank: the frontier
-    is the same, a good tree rather than a proven best one.
+    (SmolLM2 +2-9%, bundled +0.5-2%, at 4-16 nodes). Values are then nearly but not exactly ordered by
+    rank: the frontier is the same, a good tree rather than a proven best one.
     """
     if num_nodes < 2:
         raise TreeError(f"a tree needs at least 2 nodes (the root and one candidate), got {num_nodes}")
