@@ -7,13 +7,12 @@ implicit. Node i of the flattened tree (0 = root) is verified at position prefix
 
 from __future__ import annotations
 
-import functools
 import heapq
 import json
 import math
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from importlib import resources
 
 import torch
@@ -180,7 +179,7 @@ class TreeBuffers:
     buffers of recently used trees, for decoders whose tree changes from step to step)."""
 
     @staticmethod
-    @functools.lru_cache(maxsize=4096)
+    @lru_cache(maxsize=4096)
     def of(spec: TreeSpec, device: torch.device | str = "cpu") -> TreeBuffers:
         return TreeBuffers(spec, device)
 
@@ -222,12 +221,10 @@ class TreeBuffers:
         self.depths = depth  # the same as a list: verification walks it on the host
         # Candidate i (1..N-1) is rank p[-1] of head len(p) - 1: its place in the (depth, max_rank + 1) top-k
         # table read row by row, so that the tree's tokens are one gather.
-        self.flat = torch.tensor(
-            [(len(p) - 1) * (spec.max_rank + 1) + p[-1] for p in spec.paths], device=device
-        )  # (N-1,)
-        # The same as (head, rank) pairs, for a table of any width (dynamic trees of one batch share one).
+        # As (head, rank) pairs, for a table of any width (dynamic trees of one batch share one).
         self.head = torch.tensor([len(p) - 1 for p in spec.paths], device=device)  # (N-1,)
         self.rank = torch.tensor([p[-1] for p in spec.paths], device=device)  # (N-1,)
+        self.flat = self.head * (spec.max_rank + 1) + self.rank  # (N-1,)
 
 
 def rank_probs_from_topk(topk_acc: list[list[float]]) -> list[list[float]]:

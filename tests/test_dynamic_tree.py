@@ -152,6 +152,26 @@ def test_batched_dynamic_trees_keep_every_row_exact_and_sampling_seeded(arch):
     assert [o.new_tokens for o in dec.generate_batch(prompts, **kw)] == sampled
 
 
+def test_a_trained_drafter_shapes_its_trees_with_its_path_table_and_stays_exact():
+    """The bundled drafters carry head_accuracy.json: dynamic trees blend its path frequencies in, alone
+    and per row in a batch, and every output still equals plain decoding."""
+    from amphista import bundled
+    from amphista.tree import build_tree, load_accuracies
+
+    target = bundled.load_default_target()
+    prompts = [target.tokenizer(s).input_ids for s in ("Once upon a time", "The little dog", "Lily wanted to")]
+    plain = amphista.VanillaDecoder(target)
+    ref = [o.new_tokens for o in plain.generate_batch(prompts, max_new_tokens=48)]
+    for name in ("amphista", "medusa"):
+        drafter = bundled.load_default_drafter(name, target)
+        tree = build_tree(load_accuracies(drafter.accuracy_file, greedy=True), 8)
+        dec = amphista.SpeculativeDecoder(target, drafter, tree=tree, dynamic=True)
+        assert dec.tree_prior and all(len(p) <= drafter.num_heads for p in dec.tree_prior)
+        assert [o.new_tokens for o in dec.generate_batch(prompts, max_new_tokens=48)] == ref
+        assert [dec.generate(p, max_new_tokens=48).new_tokens for p in prompts] == ref
+        assert not amphista.SpeculativeDecoder(target, drafter, tree=tree).tree_prior  # static: not read
+
+
 def test_batched_dynamic_trees_follow_each_rows_drafts(llama):
     """Rows decoding the same prompt with a sure drafter accept every head's draft, as one row does."""
     prompt = [5, 6, 7]

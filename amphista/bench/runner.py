@@ -158,24 +158,22 @@ def prepare(cfg: BenchConfig):
         path = spec if _is_path(spec) else None
         drafter = loading.load_drafter_dir(name, spec, target, cfg.drafter_dtype) if path else spec
         info = {"drafter": drafter_info(drafter, path)}
+        # (name suffix, tree, its source, accuracies for "auto", sweep size): built once, run in each shape.
+        if cfg.tree_sweep is not None:
+            plans = [(f"@{n}", build_tree(accuracies[name], int(n)), f"build_tree({n})", None, int(n))
+                     for n in cfg.tree_sweep]  # fmt: skip
+        else:
+            choice = _tree_choice(cfg, name, spec)
+            tree = loading.tree_for(choice, cfg.tree_nodes, accuracies.get(name))
+            source = f"build_tree({cfg.tree_nodes})" if isinstance(tree, TreeSpec) and choice == "auto" else choice
+            plans = [("", tree, source, accuracies.get(name), None)]
         for dynamic in TREE_SHAPES[cfg.tree_shape]:
             label = name if cfg.tree_shape != "both" else f"{name}:{'dynamic' if dynamic else 'static'}"
-            if cfg.tree_sweep is not None:
-                for n in cfg.tree_sweep:
-                    tree = build_tree(accuracies[name], int(n))
-                    sweep.setdefault(label, []).append((f"{label}@{n}", int(n), expected_tau(tree, accuracies[name])))
-                    methods.append(
-                        _speculative(f"{label}@{n}", target, drafter, tree, info, f"build_tree({n})", profile, dynamic=dynamic)
-                    )
-            else:
-                choice = _tree_choice(cfg, name, spec)
-                tree = loading.tree_for(choice, cfg.tree_nodes, accuracies.get(name))
-                source = (
-                    f"build_tree({cfg.tree_nodes})" if isinstance(tree, TreeSpec) and choice == "auto" else choice
-                )
-                methods.append(
-                    _speculative(label, target, drafter, tree, info, source, profile, accuracies.get(name), dynamic)
-                )
+            for suffix, tree, source, acc, n in plans:
+                method = _speculative(label + suffix, target, drafter, tree, info, source, profile, acc, dynamic)
+                methods.append(method)
+                if n is not None:
+                    sweep.setdefault(label, []).append((method.name, n, expected_tau(tree, accuracies[name])))
     for name, obj in cfg.extra_methods.items():
         methods.append(Method(name, obj, "custom", {"class": type(obj).__name__}))
     for q in questions:  # later turns depend on the answers; the first ones can be checked now

@@ -196,10 +196,7 @@ class HeadDrafter(Drafter):
     @torch.inference_mode()
     def draft_topk_probs(self, hidden, next_tokens, start_pos, depth: int, k: int):
         """See Drafter.draft_topk_probs; the softmax and top-k are over the draft vocabulary."""
-        logits = self._draft_logits(hidden, next_tokens, start_pos, depth)
-        self._check_k(logits, k)
-        top = torch.topk(logits.float().softmax(-1), k, dim=-1)
-        return self.target_ids(top.indices), top.values
+        return self._top_probs(self._draft_logits(hidden, next_tokens, start_pos, depth), k)
 
     @torch.inference_mode()
     def draft_rows(
@@ -209,16 +206,18 @@ class HeadDrafter(Drafter):
         logits = self._draft_rows_logits(hidden, next_tokens, start, count, depth, rows)
         if logits is None:
             return None
-        if not probs:
-            return self._top_ids(logits, k)
-        self._check_k(logits, k)
-        top = torch.topk(logits.float().softmax(-1), k, dim=-1)
-        return self.target_ids(top.indices), top.values
+        return self._top_probs(logits, k) if probs else self._top_ids(logits, k)
 
     def _top_ids(self, logits: torch.Tensor, k: int) -> torch.Tensor:
         """(..., N) draft-space logits -> (..., k) target ids of the k best."""
         self._check_k(logits, k)
         return self.target_ids(torch.topk(logits, k, dim=-1).indices)
+
+    def _top_probs(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `_top_ids`, with their float32 probabilities (softmax over the draft vocabulary)."""
+        self._check_k(logits, k)
+        top = torch.topk(logits.float().softmax(-1), k, dim=-1)
+        return self.target_ids(top.indices), top.values
 
     @staticmethod
     def _check_k(logits: torch.Tensor, k: int) -> None:
