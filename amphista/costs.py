@@ -11,6 +11,7 @@ docs/cost-model.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import cpu
 from .errors import InputError
 from .sources import cache_file, read_cached, write_cached
 from .tree import HeadAccuracy, TreeSpec, accepted_by_depth, build_tree
@@ -249,6 +251,7 @@ def cost_key(model_config, dtype, device, drafter: dict | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "calibration": CALIBRATION,
+        "cpu_pack": cpu.enabled(),
     }
 
 
@@ -314,6 +317,21 @@ def _solve_gain(candidate: Candidate, accepted: float) -> float:
     return 0.5 * (low + high)
 
 
+@functools.cache
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normals]: 0 for one, 0.56 for 2, 1.03 / 1.42 / 1.77 for 4 / 8 / 16.
+    E[max] = integral of x * n * pdf(x) * cdf(x)^(n-1), by the trapezoid rule on [-10, 10] (error < 1e-6)."""
+    if n <= 1:
+        return 0.0
+    step, total = 0.005, 0.0
+    for i in range(4001):
+        x = -10.0 + i * step
+        pdf = math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        cdf = 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+        total += (0.5 if i in (0, 4000) else 1.0) * x * n * pdf * cdf ** (n - 1)
+    return total * step
+
+
 def _bucket(rows: int) -> int:
     """The power of two at or above `rows`: row counts that share an online correction."""
     return 1 << (max(rows, 1) - 1).bit_length()
@@ -330,12 +348,13 @@ class TreePolicy:
     ALPHA = 0.1  # weight of one observation in the online correction
     STEP = math.log(2.0)  # bound on one observation's log(measured / predicted) pull: a hiccup moves little
     FORGET = 0.0002  # per observation, how far the other candidates' log corrections relax back to 0
-    # A tree is chosen over plain decoding only when predicted at least this much faster. Under speculation
-    # the rows of a batch finish at different steps (plain rows of one length finish together), and the
-    # ragged tail of few-row steps eats about 20% of a 16-row batch's time on the bundled model: a smaller
-    # predicted gain is not a gain.
-    MARGIN = 0.25
-    SINGLE_MARGIN = 0.05  # one row has no ragged tail: only noise to guard against
+    # A tree is chosen over plain decoding only when predicted faster by margin(rows). One row: noise only.
+    # Under speculation the rows of a batch finish at different steps (plain rows of one length finish
+    # together) and the batch waits for its slowest row, whose lag behind the mean grows as the expected
+    # maximum of `rows` draws: TAIL times that. The ragged tail of few-row steps ate about 20% of a 16-row
+    # batch's time on the bundled model, 1.77 (the expected maximum of 16 standard normals) x TAIL.
+    SINGLE_MARGIN = 0.05
+    TAIL = 0.113
     # After a plain step, a tree must beat plain decoding by this much more, whatever the row count: the first tree
     # step after plain ones drafts from every position the drafter has not seen (up to BatchEngine.CATCH_UP),
     # and a policy flipping on noise would pay that again and again.
@@ -402,11 +421,11 @@ class TreePolicy:
         choice = self._choice.get((rows, switching))
         if choice is None:
             rates, best = self._rates(rows), 0
-            margin = self.MARGIN if rows > 1 else self.SINGLE_MARGIN
+            margin = self.margin(rows)
             if switching:  # leaving plain decoding costs a catch-up draft: no flapping
                 margin += self.SWITCH
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
-            # beat plain decoding by MARGIN (see there).
+            # beat plain decoding by margin(rows).
             for i in range(1, len(rates)):
                 if (
                     self.candidates[i].tau > 1.0
@@ -416,6 +435,12 @@ class TreePolicy:
                     best = i
             choice = self._choice[(rows, switching)] = self.candidates[best]
         return choice
+
+    @classmethod
+    def margin(cls, rows: int) -> float:
+        """How much faster than plain decoding a tree must be predicted to be chosen for `rows` live rows:
+        0.05 for one row, then 0.11 / 0.17 / 0.21 / 0.25 for 2 / 4 / 8 / 16 (see TAIL)."""
+        return cls.SINGLE_MARGIN + cls.TAIL * expected_max_normal(rows)
 
     def choose(self, rows: int, fresh: bool = False) -> TreeSpec | None:
         """The tree for a step with `rows` live rows, or None for plain decoding. `fresh`: the choice is for

@@ -309,3 +309,25 @@ def test_a_new_sequence_leaves_plain_decoding_without_the_switch_margin():
     assert policy.choose(1) is None  # 14% < SINGLE_MARGIN + SWITCH
     assert policy.choose(1, fresh=True) is not None  # a new sequence's drafter reads its prompt anyway
     assert policy.choose(1) is None  # and the batched choice is unchanged
+
+
+def test_the_margin_grows_with_the_expected_lag_of_the_slowest_row():
+    from amphista.costs import expected_max_normal
+
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(2) == pytest.approx(1 / torch.pi**0.5, abs=1e-6)  # E max of two = 1/sqrt(pi)
+    assert expected_max_normal(16) == pytest.approx(1.7660, abs=1e-4)
+    margins = [TreePolicy.margin(r) for r in (1, 2, 4, 8, 16, 32)]
+    assert margins[0] == TreePolicy.SINGLE_MARGIN and margins == sorted(margins)
+    assert margins[4] == pytest.approx(0.25, abs=0.005)  # the bundled model's 16-row tail
+
+    def predicted(gain):  # weight-bound steps, the tree's best candidate `gain` x plain decoding's rate
+        def cost(rows, tokens):
+            return 1e-2 if tokens == 1 else 1e-2 * best_tau / gain
+
+        return cost
+
+    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
+    policy = TreePolicy(model(predicted(1.15)), GOOD)
+    assert policy.choose(2) is not None  # 15% > the 2-row margin (11%)
+    assert policy.choose(8) is None and policy.choose(16) is None  # but not the 8- or 16-row one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from conftest import hf_greedy, tiny_target
 
 import amphista
+from amphista import cpu
 from amphista.cpu import ENV, PackedLinear, available, pack_linears, unpack_linears
 from amphista.drafters import OracleDrafter, RandomDrafter
 
@@ -79,3 +81,115 @@ def test_target_packs_only_large_cpu_layers(monkeypatch):
     monkeypatch.setenv(ENV, "0")
     assert amphista.TargetModel(tiny_target("llama")).packed_linears == 0
     assert pack_linears(tiny_target("llama"), min_weights=0) == 0
+
+
+# --- drafting through packed weights (cpu.packed / cpu.linear) ---------------------------------------------
+
+D2T = torch.tensor(sorted({2, *range(3, 97, 4)}))[:24]
+DRAFTERS = {
+    "amphista": {},
+    "amphista_split": {"sal_variant": "split"},
+    "amphista_shared_d2t": {"shared_lm_head": True, "d2t": D2T},
+    "medusa_shared_d2t": {"kind": "medusa", "shared_lm_head": True, "d2t": D2T},
+}
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bfloat16 on this CPU"))]
+
+
+@pytest.fixture
+def pack_all(monkeypatch):
+    """Every drafter weight large enough to pack: the tiny test drafters take the path a real one takes."""
+    monkeypatch.setattr(cpu, "MIN_WEIGHTS", 0)
+
+
+def _drafter(target, kind="amphista", seed=0, **overrides):
+    torch.manual_seed(seed)
+    cls = amphista.MedusaDrafter if kind == "medusa" else amphista.AmphistaDrafter
+    drafter = cls.for_target(target, num_heads=4, dtype=torch.float32, **overrides)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return drafter
+
+
+@torch.inference_mode()
+def _drafts(drafter, hidden, tokens, splits=(5, 1, 2, 1, 3)):
+    drafter.reset(32)
+    out, pos = [], 0
+    for n in splits:
+        out.append(drafter.draft_topk_probs(hidden[:, pos : pos + n], tokens[:, pos : pos + n], pos, 4, 3)[1])
+        out.append(drafter._draft_logits(hidden[:, pos : pos + n], tokens[:, pos : pos + n], pos))
+        pos += n
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_packed_drafts_equal_unpacked_ones(pack_all, monkeypatch, name, dtype):
+    target = amphista.TargetModel(tiny_target("llama", seed=3))
+    drafter = _drafter(target, **DRAFTERS[name]).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    hidden, tokens = torch.randn(1, 12, target.hidden_size, generator=g), torch.randint(3, 97, (1, 12), generator=g)
+    before = len(cpu._PACKED)
+    packed = _drafts(drafter, hidden, tokens)
+    assert len(cpu._PACKED) > before  # the drafter's projections went through oneDNN
+    monkeypatch.setenv(ENV, "0")
+    plain = _drafts(drafter, hidden, tokens)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(packed, plain, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_packed_copies_follow_the_weights(pack_all):
+    target = amphista.TargetModel(tiny_target("llama", seed=3))
+    drafter = _drafter(target)
+    g = torch.Generator().manual_seed(2)
+    hidden, tokens = torch.randn(1, 12, target.hidden_size, generator=g), torch.randint(3, 97, (1, 12), generator=g)
+    _drafts(drafter, hidden, tokens)
+    with torch.no_grad():  # an optimizer step: the same tensors, new values
+        for p in drafter.trainable_parameters():
+            p.mul_(1.5)
+        full = drafter(hidden, tokens)[0, -1]  # (K, V), the training forward
+    drafter.reset(32)
+    torch.testing.assert_close(drafter.draft(hidden, tokens, 0), full, atol=2e-5, rtol=1e-5)
+
+
+def test_packed_weight_is_reused_until_the_weight_changes(monkeypatch):
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    assert cpu.packed(w) is None  # below MIN_WEIGHTS: sgemm stays
+    first = cpu.packed(w, min_weights=0)
+    assert cpu.packed(w, min_weights=0) is first
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(first.mm(x), x @ w.detach().t(), atol=1e-5, rtol=1e-5)
+    base = torch.randn(3, 64)
+    torch.testing.assert_close(first.add(base, x), base + x @ w.detach().t(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        w.add_(1.0)
+    second = cpu.packed(w, min_weights=0)
+    assert second is not first
+    torch.testing.assert_close(second.mm(x), x @ w.detach().t(), atol=1e-5, rtol=1e-5)
+    assert cpu.packed(w.detach().double(), min_weights=0) is None  # float64: not oneDNN's
+    y = cpu.linear(x.requires_grad_(), w)  # autograd: F.linear, with a gradient
+    y.sum().backward()
+    assert w.grad is not None
+    monkeypatch.setenv(ENV, "0")
+    assert cpu.packed(w, min_weights=0) is None
+    key = id(w)
+    del w, y, first, second
+    gc.collect()
+    assert key not in cpu._PACKED  # dropped with the weight
+
+
+@pytest.mark.parametrize("name", ["amphista", "medusa_shared_d2t"])
+def test_speculative_greedy_with_packed_drafters_equals_generate(pack_all, name):
+    model = tiny_target("llama", seed=4)
+    drafter = _drafter(amphista.TargetModel(model), **DRAFTERS[name])
+    rng = random.Random(name)
+    for _ in range(2):
+        prompt = [rng.randrange(3, 97) for _ in range(rng.randint(1, 10))]
+        ref = hf_greedy(model, prompt, 30)
+        decoder = amphista.SpeculativeDecoder(model, drafter, tree="mc_sim_7b_63")
+        assert decoder.generate(prompt, max_new_tokens=30).sequences[0].tolist() == ref
+        outs = decoder.generate_batch([prompt, prompt[:1] + [5, 6]], max_new_tokens=30, eos_token_id=[])
+        assert outs[0].sequences[0].tolist() == ref

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import linear
+
 
 class ResBlocks(nn.Module):
     """K independent stacks of `num_layers` ResBlocks, x + SiLU(W x + b), W and b zero at init."""
@@ -27,7 +29,7 @@ class ResBlocks(nn.Module):
         start = 0
         if not per_head:
             # One (K*d, d) matmul serves all heads' first layer.
-            y = F.linear(x, self.weight[0].view(K * d, d), self.bias[0].view(K * d))
+            y = linear(x, self.weight[0].view(K * d, d), self.bias[0].view(K * d), owner=self.weight)
             x = x.unsqueeze(-2) + F.silu(y.view(*x.shape[:-1], K, d))
             start = 1
         for layer in range(start, self.weight.shape[0]):
@@ -91,5 +93,7 @@ class VocabProjection(nn.Module):
             return logits if bias is None else logits + bias
         if self.norm is not None:
             x = self.norm(x)
+        if isinstance(lm_head, nn.Module):  # the target's own: its forward may run a packed copy already
+            return lm_head(x.to(lm_head.weight.dtype)).to(x.dtype)
         w = lm_head.weight
-        return F.linear(x.to(w.dtype), w, lm_head.bias).to(x.dtype)
+        return linear(x.to(w.dtype), w, lm_head.bias).to(x.dtype)

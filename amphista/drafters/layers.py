@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import PackedWeight, packed
+
 INIT_STD = 0.02  # Hugging Face Llama's initializer_range
 
 
@@ -135,17 +137,19 @@ class DecoderLayer(nn.Module):
         the norm constant -- eps, or for drafting (decode=True) the tensor of the scalar-free RMSNorm, with
         sqrt(width) folded into copies of the (vector) norm weights. A drafter gathers the decode tuple once
         per sequence, at reset, and drafts with the weights as they were then: at the bundled model's size,
-        module attribute lookups and F.linear's transposes cost as much as the arithmetic of a step."""
+        module attribute lookups and F.linear's transposes cost as much as the arithmetic of a step. A large
+        projection drafts through a oneDNN-packed copy instead (amphista/cpu.py), where that is available."""
         attn, mlp, norm = self.attn, self.mlp, self.attn_norm
         norm1, norm2, consts = norm.weight, self.mlp_norm.weight, norm.eps
+        project = (lambda w: w.t()) if not decode else (lambda w: packed(w) or w.t())
         if decode:
             consts, sqrt_d = _norm_constants(norm1.shape[0], norm.eps, norm1.device, norm1.dtype)
             norm1, norm2 = norm1 * sqrt_d, norm2 * sqrt_d
         return (
-            attn.qkv.weight.t(),
-            attn.o.weight.t(),
-            mlp.gate_up.weight.t(),
-            mlp.down.weight.t(),
+            project(attn.qkv.weight),
+            project(attn.o.weight),
+            project(mlp.gate_up.weight),
+            project(mlp.down.weight),
             norm1,
             norm2,
             consts,
@@ -167,7 +171,7 @@ class DecoderLayer(nn.Module):
         B, T, W = x.shape
         x = x.reshape(B * T, W)  # rows: 2D matmuls
         h = _norm(x, norm1, consts)
-        qkv = torch.mm(h, qkv_w).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _mm(h, qkv_w).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         if cos is not None:
             qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
         q, k, v = qkv
@@ -179,7 +183,7 @@ class DecoderLayer(nn.Module):
                 q, mask, x, T = q[:, :, -1:], None, x.view(B, T, W)[:, -1], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
         x = _residual(x, y.transpose(1, 2).reshape(B * T, W), o_w, consts)
-        gate, up = torch.mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
+        gate, up = _mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
         return _residual(x, F.silu(gate) * up, down_w, consts).view(B, T, W)
 
 
@@ -193,7 +197,7 @@ class DecoderLayer(nn.Module):
         B, T, W = x.shape
         x = x.reshape(B * T, W)
         h = _norm(x, norm1, consts)
-        qkv = torch.mm(h, qkv_w).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _mm(h, qkv_w).view(B, T, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         qkv = rotate(qkv, cos, sin)  # (3, B, H, T, hd)
         kv[:, index[:, None], :, wpos] = qkv[1:].permute(1, 3, 0, 2, 4)  # (B, T, 2, H, hd) into (2, B, H, L, hd)
         k, v = kv[..., : mask.shape[-1], :]
@@ -202,7 +206,7 @@ class DecoderLayer(nn.Module):
             q, x, T = q[index, :, last].unsqueeze(2), x.view(B, T, W)[index, last], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
         x = _residual(x, y.transpose(1, 2).reshape(B * T, W), o_w, consts)
-        gate, up = torch.mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
+        gate, up = _mm(_norm(x, norm2, consts), gate_up_w).split(ffn, dim=-1)
         return _residual(x, F.silu(gate) * up, down_w, consts).view(B, T, W)
 
 
@@ -214,9 +218,14 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, consts) -> torch.Tensor:
     return x * weight / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), consts)
 
 
-def _residual(x: torch.Tensor, a: torch.Tensor, w_t: torch.Tensor, consts) -> torch.Tensor:
-    """x + a @ w_t. Drafting fuses the two into addmm; training keeps them apart, so that under autocast the
+def _mm(x: torch.Tensor, w_t) -> torch.Tensor:
+    """x @ w_t, w_t a transposed weight or a PackedWeight."""
+    return w_t.mm(x) if type(w_t) is PackedWeight else torch.mm(x, w_t)
+
+
+def _residual(x: torch.Tensor, a: torch.Tensor, w_t, consts) -> torch.Tensor:
+    """x + a @ w_t. Drafting fuses the two into one call; training keeps them apart, so that under autocast the
     residual stream stays in full precision (addmm would cast x down with the product)."""
     if isinstance(consts, float):
         return x + torch.mm(a, w_t)
-    return torch.addmm(x, a, w_t)
+    return w_t.add(x, a) if type(w_t) is PackedWeight else torch.addmm(x, a, w_t)

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .. import cpu
 from ..errors import InputError
 from ..sources import read_cached, write_cached
 
@@ -48,6 +49,7 @@ def _key(drafter, target) -> dict:
         "cores": usable_cores(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_pack": cpu.enabled(),
     }
 
 

@@ -12,9 +12,9 @@ position past `max_length`, which no query attends to, so they never overwrite a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..cpu import linear
 from ..errors import InputError
 from .config import AmphistaConfig
 from .layers import DecoderLayer, normal_, rope_inv_freq, rope_tables, zero_
@@ -203,12 +203,12 @@ class StagedAdaptation(nn.Module):
             last_mask = torch.where((keys <= (end - 1)[:, None, None, None]) & (keys >= first), zero, blocked)
         kv = [layer.attn.row_cache[:, rows] for layer in self.layers]
         lengths.copy_(end)  # a start below the length rewrites those positions: a free rollback
-        x = F.linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, n, w)
+        x = linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, n, w)
         outs = []
         final = len(self.layers) - 1
         for s, layer in enumerate(self.layers):
             if s > 0 and self.variant != "token_once":
-                x = F.linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
+                x = linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
             weights = self.decode_weights[s]
             if split or s < final:
                 x = layer.forward_rows(x, cos, sin, kv[s], wpos, mask, index, weights=weights)
@@ -225,12 +225,12 @@ class StagedAdaptation(nn.Module):
         """last=True: only the last position's output is wanted, so the last stage computes only that one
         (the split variant, which returns every stage, keeps all positions)."""
         last = last and self.variant != "split"
-        x = F.linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, T, w)
+        x = linear(torch.cat([h, e], dim=-1), self.fuse[0].weight)  # (B, T, w)
         outs = []
         final = len(self.layers) - 1
         for s, layer in enumerate(self.layers):
             if s > 0 and self.variant != "token_once":
-                x = F.linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
+                x = linear(torch.cat([x, e], dim=-1), self.fuse[s].weight)
             x = layer(x, cos, sin, mask, causal, cache_pos, last and s == final, weights and weights[s])
             if self.variant == "split":
                 outs.append(x)
