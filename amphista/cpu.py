@@ -93,11 +93,17 @@ class PackedWeight:
     """`x @ weight.T (+ bias)` through oneDNN on a reordered copy of `weight` (out, in); `add(base, x)` adds
     the product to `base` in the same call (a residual)."""
 
-    __slots__ = ("packed", "bias")
+    __slots__ = ("weight", "bias", "packed")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        # Weakly: the cache of packed copies must not keep a dropped weight alive.
+        self.weight, self.bias = weakref.ref(weight), bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
-        self.bias = None if bias is None else bias.detach()
+
+    def __reduce__(self):
+        # A reordered tensor neither copies nor pickles: a deep copy or an unpickled one packs its weight
+        # (the copy's own, where the weight is copied with it, as a drafter's drafting weights are) again.
+        return PackedWeight, (self.weight(), self.bias)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

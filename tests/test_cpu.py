@@ -193,3 +193,28 @@ def test_speculative_greedy_with_packed_drafters_equals_generate(pack_all, name)
         assert decoder.generate(prompt, max_new_tokens=30).sequences[0].tolist() == ref
         outs = decoder.generate_batch([prompt, prompt[:1] + [5, 6]], max_new_tokens=30, eos_token_id=[])
         assert outs[0].sequences[0].tolist() == ref
+
+
+def test_a_drafter_with_packed_weights_deep_copies_and_pickles(pack_all):
+    import copy
+    import io
+
+    target = amphista.TargetModel(tiny_target("llama", seed=3))
+    drafter = _drafter(target)
+    g = torch.Generator().manual_seed(3)
+    hidden, tokens = torch.randn(1, 12, target.hidden_size, generator=g), torch.randint(3, 97, (1, 12), generator=g)
+    ref = _drafts(drafter, hidden, tokens)  # the drafting weights now hold packed copies
+    twin = copy.deepcopy(drafter)  # what the drafting-dtype measurement does
+    buffer = io.BytesIO()
+    torch.save(drafter, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    loaded.attach(target)
+    for other in (twin, loaded):
+        for a, b in zip(_drafts(other, hidden, tokens), ref, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        twin.resblocks.weight.mul_(2.0)  # the copy's weights are its own
+    _drafts(twin, hidden, tokens)
+    for a, b in zip(_drafts(drafter, hidden, tokens), ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
