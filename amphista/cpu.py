@@ -21,6 +21,7 @@ from memory at every step (the target's forward in between evicts them), from 2.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
@@ -139,6 +140,7 @@ def packable(weight: torch.Tensor, min_weights: int | None = None) -> bool:
     )
 
 
+@functools.cache
 def _bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
