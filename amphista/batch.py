@@ -543,6 +543,17 @@ def run_batch(decoder, prompts, options: dict, max_rows: int | None = None) -> I
         raise InputError(
             f"max_batch_size must be a positive integer or None (all prompts at once), got {max_rows!r}"
         )
+    if len(requests) == 1:
+        # One prompt: the single-sequence loop decodes it exactly as a batch of one would (its seed is the
+        # row's), without the batch's per-row masks and gathers, a tenth of a step on a small model.
+        gen = decoder._run(requests[0])
+        while True:
+            try:
+                tokens = next(gen)
+            except StopIteration as done:
+                return [done.value]
+            if tokens:
+                yield {0: tokens}
     rows = len(requests) if max_rows is None else min(max_rows, len(requests))
     # Sized for the longest request up front: no row ever waits for the cache to grow.
     longest = max(len(r.prompt) + r.max_new_tokens for r in requests)

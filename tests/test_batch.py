@@ -207,7 +207,10 @@ def test_a_drafter_without_row_support_is_refused_clearly(bundled):
 
     decoder = amphista.SpeculativeDecoder(target, Single(target.vocab_size, target.hidden_size), tree="chain")
     with pytest.raises(InputError, match="does not support batched decoding"):
-        decoder.generate_batch([[1, 2]])
+        decoder.generate_batch([[1, 2], [1, 3]])
+    # One prompt takes the single-sequence loop, which needs no row support.
+    [out] = decoder.generate_batch([[1, 2]], max_new_tokens=6, eos_token_id=[])
+    assert out.sequences.tolist() == decoder.generate([1, 2], max_new_tokens=6, eos_token_id=[]).sequences.tolist()
 
 
 # --- tree="auto" --------------------------------------------------------------------------------------------
@@ -302,3 +305,16 @@ def test_a_window_narrower_than_the_tree_masks_by_position_not_slot():
     outs = decoder.generate_batch([prompt, prompt], max_new_tokens=30, eos_token_id=[])
     assert all(o.sequences[0].tolist() == reference for o in outs)
     assert min(o.tau for o in outs) > 2.0  # the [1, 0, 0] path was accepted: the case was exercised
+
+
+def test_one_prompt_decodes_as_generate_does(bundled):
+    target, drafters = bundled
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree="auto")
+    prompt = [1, 403, 407, 261, 378]
+    for options in ({}, {"do_sample": True, "temperature": 0.8, "seed": 7}):
+        [out] = decoder.generate_batch([prompt], max_new_tokens=24, **options)
+        ref = decoder.generate(prompt, max_new_tokens=24, **options)
+        assert out.sequences.tolist() == ref.sequences.tolist() and out.steps == ref.steps
+    streamed = list(decoder.stream_batch([prompt], max_new_tokens=24))
+    assert all(list(step) == [0] for step in streamed)
+    assert sum((step[0] for step in streamed), []) == decoder.last_outputs[0].new_tokens
