@@ -50,16 +50,22 @@ class PackedLinear:
 
     def __init__(self, layer: nn.Linear):
         self.layer = layer
-        self.weight, self.ptr = layer.weight, layer.weight.data_ptr()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), ROWS_HINT)
-        self.original = layer.forward
+        # The weight's data as reordered, held: while it lives no new tensor can take its address, so an equal
+        # data_ptr means the same data, not memory the allocator handed out again after a cast.
+        self.weight, self.data = layer.weight, layer.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.data, ROWS_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
+        if layer.weight is not self.weight or layer.weight.data_ptr() != self.data.data_ptr():
+            # Moved, cast or replaced since it was reordered: the layer goes back to its own forward for good,
+            # and the old data and its reordered copy are let go.
+            if layer.__dict__.get("forward") is self:
+                del layer.forward
+            self.data = self.packed = None
+            return F.linear(x, layer.weight, layer.bias)
         if (
-            layer.weight is self.weight
-            and layer.weight.data_ptr() == self.ptr  # not moved or cast since it was reordered
-            and x.device.type == "cpu"
+            x.device.type == "cpu"
             and x.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
         ):
@@ -113,7 +119,7 @@ class PackedWeight:
         return torch.ops.mkldnn._linear_pointwise.binary(x, base, self.packed, self.bias, "add")
 
 
-# id(weight) -> (its state when packed, PackedWeight), dropped when the weight is. Not an attribute of the
+# id(weight) -> (its state when packed, PackedWeight, its data), dropped when the weight is. Not an attribute of the
 # weight: a Parameter pickles its attributes, and a reordered oneDNN tensor does not pickle.
 _PACKED: dict[int, tuple] = {}
 
@@ -160,7 +166,8 @@ def packed(weight: torch.Tensor, bias: torch.Tensor | None = None, min_weights: 
         if entry is None:
             weakref.finalize(owner, _PACKED.pop, key, None)
         with torch.no_grad():
-            entry = _PACKED[key] = (state, PackedWeight(weight, bias))
+            # The data is held with its copy, as in PackedLinear: an equal data_ptr is then the same data.
+            entry = _PACKED[key] = (state, PackedWeight(weight, bias), weight.detach())
     return entry[1]
 
 

@@ -218,3 +218,22 @@ def test_a_drafter_with_packed_weights_deep_copies_and_pickles(pack_all):
     _drafts(twin, hidden, tokens)
     for a, b in zip(_drafts(drafter, hidden, tokens), ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_a_cast_retires_the_packed_copy_even_where_the_allocator_reuses_the_address():
+    layer = torch.nn.Linear(16, 8)
+    pack_linears(layer, min_weights=0)
+    layer.double()
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert "forward" not in layer.__dict__  # the layer is its own again: nothing stale can come back
+    w = torch.nn.Parameter(torch.randn(32, 16))
+    first, address = cpu.packed(w, min_weights=0), w.data_ptr()
+    # The copy holds the data it was made from: no later tensor can be handed that address while it lives.
+    assert cpu._PACKED[id(w)][2].data_ptr() == address
+    with torch.no_grad():  # a cast away and back: new data of the same dtype and shape, the version unchanged
+        w.data = w.data.double()
+        w.data = torch.randn(32, 16)
+    assert cpu.packed(w, min_weights=0) is not first
+    x32 = torch.randn(3, 16)
+    torch.testing.assert_close(cpu.packed(w, min_weights=0).mm(x32), x32 @ w.detach().t(), atol=1e-5, rtol=1e-5)
