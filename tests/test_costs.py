@@ -331,3 +331,19 @@ def test_the_margin_grows_with_the_expected_lag_of_the_slowest_row():
     policy = TreePolicy(model(predicted(1.15)), GOOD)
     assert policy.choose(2) is not None  # 15% > the 2-row margin (11%)
     assert policy.choose(8) is None and policy.choose(16) is None  # but not the 8- or 16-row one
+
+
+def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
+    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
+
+    def cost(rows, tokens):  # the best tree 1.2x plain decoding's rate: under the 16-row margin
+        return 1e-2 if tokens == 1 else 1e-2 * best_tau / 1.2
+
+    policy = TreePolicy(model(cost), GOOD)
+    assert policy.choose(16) is None
+    for _ in range(300):  # every plain step 30% slower than calibrated (another process on the cores)
+        policy.observe(16, 1, 1.3e-2)
+        assert policy.choose(16) is None  # every candidate slowed alike: still plain
+    rates = policy._rates(16)
+    assert rates[0] == pytest.approx(16 / 1.3e-2, rel=0.02)  # the slowdown is learned, for all
+    assert max(rates[1:]) / rates[0] == pytest.approx(1.2, rel=0.01)
