@@ -17,11 +17,16 @@
 # 5. a third epoch on new data (THIRD_EPOCH=1, the default): the model's greedy answers to the next NEW_A /
 #    NEW_B prompts of the two sets (those after the ones answered in step 2, never trained on), from the
 #    second epoch's drafters, seed 2, the second epoch's learning rates; only the new answers are read
-# 6. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
+# 6. a fourth epoch on open-ended prompts (FOURTH_EPOCH=1, the default): the model's greedy answers to the next
+#    unanswered AlpacaEval, alpaca_en_demo and GPTeacher roleplay prompts of the two sets (OPEN_A / OPEN_B of
+#    them), from the third epoch's drafters, seed 3, the second epoch's learning rates: MT-Bench's open-ended
+#    categories were the drafters' weakest
+# 7. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
 #    (written by training, from --eval-data): the shipped head_accuracy.json picks the trees
 # Times on the 2-core development machine: the feature cache ~15 min; first epoch Medusa ~17 min, Amphista
 # ~41 min; the second epoch ~20 min each; the third: distillation ~45 min on both cores, its features ~14
-# min, Medusa ~9 min, Amphista ~17 min.
+# min, Medusa ~9 min, Amphista ~17 min; the fourth: distillation ~15 min, features ~9 min, Medusa ~5 min,
+# Amphista ~10 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/smollm2}
@@ -36,6 +41,9 @@ THIRD_EPOCH=${THIRD_EPOCH:-1}
 # Session 7 stopped the distillation of the next prompts after these many answers (time).
 NEW_A=${NEW_A:-1216}
 NEW_B=${NEW_B:-1248}
+FOURTH_EPOCH=${FOURTH_EPOCH:-1}
+OPEN_A=${OPEN_A:-640}
+OPEN_B=${OPEN_B:-640}
 AMPHISTA=${AMPHISTA:-amphista}
 PYTHON=${PYTHON:-python}
 TARGET=smollm2-135m-instruct
@@ -110,6 +118,36 @@ EOF
             --eval-data "$RUN_DIR/heldout_answers.jsonl" \
             --out "$RUN_DIR/$drafter-e3" --epochs 1 --batch-size 8 --seq-len 512 --seed 2 --lr "$lr" \
             --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-e3.log" 2>&1
+    done
+fi
+
+if [[ "$final" == -e3 && "$FOURTH_EPOCH" == 1 ]]; then
+    final="-e4"
+    "$PYTHON" - "$SHARED" "$RUN_DIR" "$((DISTILL_A + NEW_A))" "$((DISTILL_B + NEW_B))" <<'EOF'
+import json, sys
+shared, run = sys.argv[1:3]
+done = {"a": int(sys.argv[3]), "b": int(sys.argv[4])}
+open_ended = {r["instruction"] for r in json.load(open(f"{shared}/alpaca_eval/gpt4/model_outputs.json"))}
+open_ended |= {(r["instruction"] + "\n\n" + r["input"]).strip()
+               for r in json.load(open(f"{shared}/alpaca_en_demo/alpaca_en_demo.json"))}
+open_ended |= {(r["instruction"] + "\n\n" + r.get("input", "")).strip()
+               for r in json.load(open(f"{shared}/gpteacher/roleplay-simple-deduped-roleplay-instruct.json"))}
+for name in ("a", "b"):
+    lines = open(f"{run}/prompts_{name}.jsonl").read().splitlines()[done[name]:]
+    kept = [line for line in lines if json.loads(line)["prompt"] in open_ended]
+    open(f"{run}/prompts_{name}_open.jsonl", "w").write("\n".join(kept) + "\n")
+EOF
+    distill prompts_a_open.jsonl greedy_a_open.jsonl "$OPEN_A" & a=$!
+    distill prompts_b_open.jsonl greedy_b_open.jsonl "$OPEN_B" & b=$!
+    wait $a
+    wait $b
+    for drafter in medusa amphista; do
+        lr=$([[ "$drafter" == medusa ]] && echo 1.65e-3 || echo 5e-4)
+        OMP_NUM_THREADS=2 "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --init-drafter "$RUN_DIR/$drafter-e3" \
+            --data "$RUN_DIR/greedy_a_open.jsonl" "$RUN_DIR/greedy_b_open.jsonl" \
+            --eval-data "$RUN_DIR/heldout_answers.jsonl" \
+            --out "$RUN_DIR/$drafter-e4" --epochs 1 --batch-size 8 --seq-len 512 --seed 3 --lr "$lr" \
+            --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-e4.log" 2>&1
     done
 fi
 
