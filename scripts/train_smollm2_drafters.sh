@@ -98,6 +98,25 @@ if [[ "$SECOND_EPOCH" == 1 ]]; then
     done
 fi
 
+# epoch_on_new_answers SET N_A N_B FROM TO SEED: the model's greedy answers to the first N_A / N_B prompts of
+# prompts_{a,b}_SET.jsonl (both distillations at once, a core each), then one epoch of each drafter on them
+# from its FROM drafter into TO, at the second epoch's learning rates.
+epoch_on_new_answers() {
+    local set=$1 from=$4 to=$5 seed=$6 a b
+    distill "prompts_a_$set.jsonl" "greedy_a_$set.jsonl" "$2" & a=$!
+    distill "prompts_b_$set.jsonl" "greedy_b_$set.jsonl" "$3" & b=$!
+    wait $a
+    wait $b
+    for drafter in medusa amphista; do
+        lr=$([[ "$drafter" == medusa ]] && echo 1.65e-3 || echo 5e-4)
+        OMP_NUM_THREADS=2 "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --init-drafter "$RUN_DIR/$drafter-$from" \
+            --data "$RUN_DIR/greedy_a_$set.jsonl" "$RUN_DIR/greedy_b_$set.jsonl" \
+            --eval-data "$RUN_DIR/heldout_answers.jsonl" \
+            --out "$RUN_DIR/$drafter-$to" --epochs 1 --batch-size 8 --seq-len 512 --seed "$seed" --lr "$lr" \
+            --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-$to.log" 2>&1
+    done
+}
+
 if [[ "$SECOND_EPOCH" == 1 && "$THIRD_EPOCH" == 1 ]]; then
     final="-e3"
     "$PYTHON" - "$RUN_DIR" "$DISTILL_A" "$DISTILL_B" <<'EOF'
@@ -107,18 +126,7 @@ for name in ("a", "b"):
     lines = open(f"{run}/prompts_{name}.jsonl").read().splitlines()[done[name]:]
     open(f"{run}/prompts_{name}_next.jsonl", "w").write("\n".join(lines) + "\n")
 EOF
-    distill prompts_a_next.jsonl greedy_a_next.jsonl "$NEW_A" & a=$!
-    distill prompts_b_next.jsonl greedy_b_next.jsonl "$NEW_B" & b=$!
-    wait $a
-    wait $b
-    for drafter in medusa amphista; do
-        lr=$([[ "$drafter" == medusa ]] && echo 1.65e-3 || echo 5e-4)
-        OMP_NUM_THREADS=2 "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --init-drafter "$RUN_DIR/$drafter-e2" \
-            --data "$RUN_DIR/greedy_a_next.jsonl" "$RUN_DIR/greedy_b_next.jsonl" \
-            --eval-data "$RUN_DIR/heldout_answers.jsonl" \
-            --out "$RUN_DIR/$drafter-e3" --epochs 1 --batch-size 8 --seq-len 512 --seed 2 --lr "$lr" \
-            --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-e3.log" 2>&1
-    done
+    epoch_on_new_answers next "$NEW_A" "$NEW_B" e2 e3 2
 fi
 
 if [[ "$final" == -e3 && "$FOURTH_EPOCH" == 1 ]]; then
@@ -137,18 +145,7 @@ for name in ("a", "b"):
     kept = [line for line in lines if json.loads(line)["prompt"] in open_ended]
     open(f"{run}/prompts_{name}_open.jsonl", "w").write("\n".join(kept) + "\n")
 EOF
-    distill prompts_a_open.jsonl greedy_a_open.jsonl "$OPEN_A" & a=$!
-    distill prompts_b_open.jsonl greedy_b_open.jsonl "$OPEN_B" & b=$!
-    wait $a
-    wait $b
-    for drafter in medusa amphista; do
-        lr=$([[ "$drafter" == medusa ]] && echo 1.65e-3 || echo 5e-4)
-        OMP_NUM_THREADS=2 "$AMPHISTA" train --target "$TARGET" --drafter "$drafter" --init-drafter "$RUN_DIR/$drafter-e3" \
-            --data "$RUN_DIR/greedy_a_open.jsonl" "$RUN_DIR/greedy_b_open.jsonl" \
-            --eval-data "$RUN_DIR/heldout_answers.jsonl" \
-            --out "$RUN_DIR/$drafter-e4" --epochs 1 --batch-size 8 --seq-len 512 --seed 3 --lr "$lr" \
-            --set draft_vocab_size=8192 --set shared_lm_head=true --no-progress >"$RUN_DIR/$drafter-e4.log" 2>&1
-    done
+    epoch_on_new_answers open "$OPEN_A" "$OPEN_B" e3 e4 3
 fi
 
 # Training measures head_accuracy.json (per head and per tree path) on --eval-data, the held-out answers.
