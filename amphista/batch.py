@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -131,7 +132,7 @@ class RowEvent:
     output: GenerateOutput | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a step's snapshot of its rows finds a row with tuple.index
 class _Row:
     id: int
     request: Request
@@ -144,10 +145,11 @@ class _Row:
     unreported: list[int] = field(default_factory=list)
     reason: str | None = None
     # Committed positions the drafter has not seen yet: hidden states, the token after each, first position.
+    # The hidden states of plain steps are not here but in the engine's plain history (its last plain_steps).
     pending_hidden: list[torch.Tensor] = field(default_factory=list)
     pending_tokens: list[int] = field(default_factory=list)
     pending_start: int = 0
-    plain_steps: int = 0  # steps since the drafter last saw this row
+    plain_steps: int = 0  # plain steps since the drafter last saw this row
 
 
 class BatchEngine:
@@ -185,6 +187,10 @@ class BatchEngine:
         self._early: list[RowEvent] = []  # rows that finished at prefill
         self.last_tree: TreeSpec | None = None  # the tree of the latest step (None: plain)
         self.forced_tree = _UNFORCED  # StepTimer's: the tree every step uses, whatever the policy says
+        # The latest plain steps' (hidden (B, 1, d), rows): what a catch-up draft reads, kept once per step
+        # rather than split into every row (that per-row split cost ~1% of a 16-row plain step of the bundled
+        # model), and never more than CATCH_UP of them however long a batch decodes plainly.
+        self._plain_history: deque[tuple[torch.Tensor, tuple[_Row, ...]]] = deque(maxlen=self.CATCH_UP)
         self.window, self.layer_types = attention_layout(self.target.text_config)
 
     def __len__(self) -> int:
@@ -333,14 +339,19 @@ class BatchEngine:
         device = self.target.device
         rows = self.rows
         skipped = [b for b, r in enumerate(rows) if r.plain_steps > self.CATCH_UP]
-        for b in skipped:
+        for b in skipped:  # its newest CATCH_UP positions all come from plain steps
             r = rows[b]
             cut = len(r.pending_tokens) - self.CATCH_UP
-            r.pending_hidden = [torch.cat(r.pending_hidden)[cut:]]
+            r.pending_hidden, r.plain_steps = [], self.CATCH_UP
             r.pending_tokens = r.pending_tokens[cut:]
             r.pending_start += cut
         if skipped:
             self.drafter.skip_rows(skipped, [rows[b].pending_start for b in skipped])
+        history = self._plain_history
+        for r in rows:
+            if r.plain_steps:
+                steps = list(itertools.islice(reversed(history), r.plain_steps))
+                r.pending_hidden.extend(step[members.index(r)] for step, members in reversed(steps))
         n = max(len(r.pending_tokens) for r in rows)
         d = rows[0].pending_hidden[0].shape[-1]
         hidden = torch.zeros(len(rows), n, d, dtype=rows[0].pending_hidden[0].dtype, device=device)
@@ -455,13 +466,17 @@ class BatchEngine:
         sync(device)
         seconds = time.perf_counter() - ts
         finished = []
-        kept_rows = kept.unbind(0) if self.drafter is not None else ()  # one call, not one index per row
+        if self.drafter is not None and tree is None:
+            self._plain_history.append((kept, tuple(rows)))
+        kept_rows = kept.unbind(0) if self.drafter is not None and tree is not None else ()  # one call, not B
         for b, (r, nodes, new) in enumerate(zip(rows, accepted, new_tokens)):
             if self.drafter is not None:
-                r.plain_steps += tree is None
                 if not r.pending_tokens:
                     r.pending_start = r.length
-                r.pending_hidden.append(kept_rows[b] if tree is None else kept_rows[b][: len(nodes)])
+                if tree is None:
+                    r.plain_steps += 1
+                else:
+                    r.pending_hidden.append(kept_rows[b][: len(nodes)])
                 r.pending_tokens.extend(new)
             r.length += len(nodes)
             r.root = new[-1]

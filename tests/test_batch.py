@@ -318,3 +318,43 @@ def test_one_prompt_decodes_as_generate_does(bundled):
     streamed = list(decoder.stream_batch([prompt], max_new_tokens=24))
     assert all(list(step) == [0] for step in streamed)
     assert sum((step[0] for step in streamed), []) == decoder.last_outputs[0].new_tokens
+
+
+@pytest.mark.parametrize("plain_steps", [11, 40])
+def test_a_catch_up_draft_reads_the_targets_hidden_states_of_every_unseen_position(bundled, plain_steps):
+    """After a plain stretch in which a row leaves (the last row moves into its slot) and another joins, the
+    first tree step's draft reads, for each row, the hidden states and next tokens of the positions the drafter
+    has not seen (its newest CATCH_UP where it fell further behind): equal to a full forward of the row's text."""
+    from amphista.batch import _UNFORCED
+
+    target, prompts, decoder, engine, ids = _three_rows(bundled, "amphista", 90)
+    engine.forced_tree = None
+    for step in range(plain_steps):
+        if step == 4:
+            engine.cancel(ids[0])
+        if step == 7:
+            engine.add(_story_prompts(target, 5)[4], max_new_tokens=90)
+        engine.step()
+    seen = []
+    draft_rows = engine.drafter.draft_rows
+    engine.drafter.draft_rows = lambda hidden, tokens, start, count, *a, **k: (
+        seen.append((hidden.clone(), tokens.clone(), start.tolist(), count.tolist())),
+        draft_rows(hidden, tokens, start, count, *a, **k),
+    )[1]
+    rows = list(engine.rows)
+    behind = [row.plain_steps for row in rows]
+    # Committed positions (the newest token, the root, is not in the cache yet) and the token after each.
+    texts = [row.request.prompt + row.generated for row in rows]
+    assert all(len(text) == row.length + 1 for text, row in zip(texts, rows))
+    engine.forced_tree = _UNFORCED
+    engine.step()
+    [(hidden, tokens, starts, counts)] = seen
+    assert len(rows) == 3 and max(counts) > 1
+    for b, text in enumerate(texts):
+        full, _ = target.forward_train(torch.tensor([text[:-1]]))
+        start, count, length = starts[b], counts[b], len(text) - 1
+        # Never drafted: from the prompt's first position, or the newest CATCH_UP after a longer stretch.
+        assert start == (0 if behind[b] <= BatchEngine.CATCH_UP else length - BatchEngine.CATCH_UP)
+        assert start + count == length
+        torch.testing.assert_close(hidden[b, :count], full[0, start:length], atol=1e-4, rtol=1e-4)
+        assert tokens[b, :count].tolist() == text[start + 1 :]
