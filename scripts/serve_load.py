@@ -9,8 +9,10 @@ Each setting starts its own `amphista serve` subprocess (so client and server do
 warm-up request, then for each concurrency level keeps C clients busy (asyncio + httpx) until --requests
 requests have finished. `--concurrent-vs-sequential N` instead sends N requests one after another, then the
 same N at once, and reports both wall times, their ratio and whether the answers are identical (greedy
-answers must be: each row of a batch decodes exactly as it would alone). Greedy decoding (temperature 0) on
-the prompts in amphista/assets/prompts. When the
+answers must be: each row of a batch decodes exactly as it would alone). Greedy decoding (temperature 0). The
+bundled model completes its story openings (/v1/completions); a --target (a chat model) gets MT-Bench's first
+turns as chat requests (/v1/chat/completions, through its chat template), what its drafters were trained for
+and what a chat server serves; --prompts picks either for any target. When the
 bundled drafter is not installed, "amphista" means a freshly initialised (untrained) drafter: lossless but
 with tau near 1, so it measures the overhead of drafting, not its speed-up.
 """
@@ -30,11 +32,26 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = Path(__file__).resolve().parents[1] / "amphista" / "assets" / "prompts" / "stories.jsonl"
+
+def prompts(name: str) -> list[str]:
+    """The first turns of a bundled question set ("stories" or "mt_bench")."""
+    from amphista.bench.questions import bundled_questions_path
+
+    lines = bundled_questions_path(name).read_text().splitlines()
+    return [json.loads(line)["turns"][0] for line in lines if line.strip()]
 
 
-def prompts() -> list[str]:
-    return [json.loads(line)["turns"][0] for line in PROMPTS.read_text().splitlines() if line.strip()]
+def request(model: str, text: str, max_tokens: int, chat: bool) -> tuple[str, dict]:
+    """(endpoint, body) of one greedy request."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    if chat:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": text}]}
+    return "/v1/completions", {**body, "prompt": text}
+
+
+def answer(data: dict, chat: bool) -> str:
+    choice = data["choices"][0]
+    return choice["message"]["content"] if chat else choice["text"]
 
 
 def free_port() -> int:
@@ -103,7 +120,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 180) 
 
 
 async def run_level(
-    url: str, model: str, clients: int, total: int, max_tokens: int, texts: list[str]
+    url: str, model: str, clients: int, total: int, max_tokens: int, texts: list[str], chat: bool
 ) -> dict:
     """`clients` concurrent clients share `total` requests; returns throughput and latency figures."""
     todo = iter(range(total))
@@ -113,14 +130,9 @@ async def run_level(
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal tokens
         for i in todo:
-            body = {
-                "model": model,
-                "prompt": texts[i % len(texts)],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-            }
+            endpoint, body = request(model, texts[i % len(texts)], max_tokens, chat)
             t0 = time.perf_counter()
-            r = await http.post("/v1/completions", json=body)
+            r = await http.post(endpoint, json=body)
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             data = r.json()
@@ -145,25 +157,24 @@ async def run_level(
     }
 
 
-async def concurrent_vs_sequential(url: str, model: str, n: int, max_tokens: int, texts: list[str]) -> dict:
+async def concurrent_vs_sequential(
+    url: str, model: str, n: int, max_tokens: int, texts: list[str], chat: bool
+) -> dict:
     """The same n greedy requests one after another, then all at once: wall times and whether they agree."""
-    bodies = [
-        {"model": model, "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0}
-        for i in range(n)
-    ]
+    requests = [request(model, texts[i % len(texts)], max_tokens, chat) for i in range(n)]
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
 
-        async def one(body: dict) -> str:
-            r = await http.post("/v1/completions", json=body)
+        async def one(endpoint: str, body: dict) -> str:
+            r = await http.post(endpoint, json=body)
             r.raise_for_status()
-            return r.json()["choices"][0]["text"]
+            return answer(r.json(), chat)
 
         t0 = time.perf_counter()
-        alone = [await one(body) for body in bodies]
+        alone = [await one(*req) for req in requests]
         sequential = time.perf_counter() - t0
         t0 = time.perf_counter()
-        together = await asyncio.gather(*(one(body) for body in bodies))
+        together = await asyncio.gather(*(one(*req) for req in requests))
         concurrent = time.perf_counter() - t0
     return {
         "requests": n,
@@ -183,6 +194,12 @@ def main() -> int:
         help="'none', 'amphista', 'medusa' or a folder (repeatable; default: none and amphista)",
     )
     p.add_argument("--tree", default=None)
+    p.add_argument(
+        "--prompts",
+        choices=["stories", "mt_bench"],
+        help="story openings as completions, or MT-Bench first turns as chat requests (default: stories for "
+        "the bundled model, mt_bench with --target)",
+    )
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (serve --threads)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least C)")
@@ -204,7 +221,8 @@ def main() -> int:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
 
-    texts = prompts()
+    kind = args.prompts or ("mt_bench" if args.target else "stories")
+    texts, chat = prompts(kind), kind == "mt_bench"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         settings = (
@@ -221,13 +239,17 @@ def main() -> int:
             try:
                 wait_healthy(url, proc)
                 model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                asyncio.run(run_level(url, model, 1, 2, args.max_tokens, texts))  # warm-up
+                asyncio.run(run_level(url, model, 1, 2, args.max_tokens, texts, chat))  # warm-up
                 if args.concurrent_vs_sequential:
                     n = args.concurrent_vs_sequential
-                    rows = [asyncio.run(concurrent_vs_sequential(url, model, n, args.max_tokens, texts))]
+                    rows = [
+                        asyncio.run(concurrent_vs_sequential(url, model, n, args.max_tokens, texts, chat))
+                    ]
                 else:
                     rows = (
-                        asyncio.run(run_level(url, model, c, max(args.requests, c), args.max_tokens, texts))
+                        asyncio.run(
+                            run_level(url, model, c, max(args.requests, c), args.max_tokens, texts, chat)
+                        )
                         for c in args.concurrency
                     )
                 for row in rows:
@@ -252,6 +274,7 @@ def main() -> int:
     if args.out:
         meta = {
             "max_tokens": args.max_tokens,
+            "prompts": kind,
             "target": args.target or "bundled stories260K",
             "tree": args.tree,
             "max_batch_size": None if args.url else args.max_batch_size,
