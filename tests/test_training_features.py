@@ -161,6 +161,16 @@ def test_short_run_reads_a_complete_entry_but_does_not_build_one(tmp_path):
     assert sum(seen) == 0
 
 
+def test_one_epoch_builds_the_entry_when_the_batch_size_does_not_divide_the_examples(tmp_path):
+    data = write_stories(tmp_path / "s.jsonl", n=26)  # 6 batches of 4 and 2 examples left over
+    target = tiny_target()
+    result, _ = run(tmp_path, "a", data, target, epochs=1.0, max_steps=None)
+    assert result.steps == 6 and len(entries(tmp_path / "fc")) == 1
+    seen = count_forwards(target)
+    run(tmp_path, "b", data, target, drafter="amphista", epochs=1.0, max_steps=None)
+    assert sum(seen) == 0  # the second drafter reads the first one's entry
+
+
 def test_resume_reads_the_cache(tmp_path):
     data = write_stories(tmp_path / "s.jsonl", n=24)
     target = tiny_target()

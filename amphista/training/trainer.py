@@ -193,8 +193,10 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
         features = prepare(
             target, train_set, folder=folder, seq_len=cfg.seq_len, precision=precision,
             dtype_setting=cfg.feature_dtype, batch_size=micro, pad_id=pad_id, autocast=accelerator.autocast,
-            # A run that visits each example at most once gains nothing from writing the entry first.
-            build=max_steps * cfg.batch_size >= len(train_set), is_builder=accelerator.is_local_main_process,
+            # A run shorter than an epoch gains nothing from writing the entry first. An epoch is the loader's
+            # (its last partial batch dropped), not len(train_set) / batch_size: comparing with the latter
+            # left one epoch of data that the batch size does not divide uncached, for the next drafter too.
+            build=max_steps >= steps_per_epoch, is_builder=accelerator.is_local_main_process,
             progress=is_main and cfg.progress, log=print if is_main else (lambda *a, **k: None),
         )  # fmt: skip
     accelerator.wait_for_everyone()
