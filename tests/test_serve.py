@@ -534,3 +534,69 @@ def test_tokenizing_does_not_block_other_clients(target):
             assert not tok.returned.is_set(), path
             tok.release.set()
             assert pending.result().status_code == 200, pending.result().text
+
+
+# -- the command's process: decoding on its main thread, shutting down --------------------------------------
+
+SERVE_SCRIPT = """
+import sys, threading
+import amphista.batch as batch
+step = batch.BatchEngine.step
+def traced(self):
+    if not getattr(traced, "said", False):
+        traced.said = True
+        print("decoding on", threading.current_thread().name, file=sys.stderr, flush=True)
+    return step(self)
+batch.BatchEngine.step = traced
+from amphista.cli import main
+sys.exit(main(["serve", "--port", sys.argv[1], "--drafter", "none", "--log-level", "warning"]))
+"""
+
+
+def _serve_process(port: int):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(port)], stderr=subprocess.PIPE, text=True)
+
+
+def test_the_command_decodes_on_its_main_thread_and_sigterm_stops_it_gracefully():
+    """Decoding on the thread that loaded the model (see Worker.run); SIGTERM ends the process with 0."""
+    import signal
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _serve_process(port)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert httpx.get(url + "/health", timeout=2).json()["status"] == "ok"
+        body = {"model": "stories260K", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert "decoding on MainThread" in err and "Traceback" not in err, err
+
+
+def test_the_command_exits_1_when_its_port_is_taken():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = _serve_process(taken.getsockname()[1])
+        try:
+            assert proc.wait(120) == 1  # not a process left decoding nothing
+        finally:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "address already in use" in err.lower() and "Traceback" not in err, err

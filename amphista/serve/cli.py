@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from ..cli import HelpFormatter, add_drafter_dtype, add_tree_shape, float_range, int_range, positive_int
 from ..errors import InputError
@@ -213,5 +215,38 @@ def run_serve(args) -> int:
         f"{app.state.worker.max_batch_size} requests at once, on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return serve_on_main_thread(
+        app, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    )
+
+
+def serve_on_main_thread(app, server) -> int:
+    """HTTP on a thread, decoding on this one (the main thread: see Worker.run). SIGINT or SIGTERM shuts down
+    gracefully (answers in progress finish, then the worker's rows); a second SIGINT stops at once. 0 after a
+    shutdown, 1 when the server did not start (a port in use: uvicorn has said why)."""
+    worker = app.state.worker
+    worker.on_caller = True  # before the app's lifespan runs: it must not start a decoding thread
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # whatever ended it (a shutdown, a failed start), decoding ends too
+            worker.stop()
+
+    def shut_down(signum, frame) -> None:
+        if server.should_exit and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        server.should_exit = True
+
+    handlers = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="amphista-http", daemon=True)
+    thread.start()
+    try:
+        worker.run()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1
     return 0
