@@ -249,4 +249,3 @@ def serve_on_main_thread(app, server) -> int:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return 0 if server.started else 1
-    return 0
