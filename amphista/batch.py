@@ -347,11 +347,10 @@ class BatchEngine:
             r.pending_start += cut
         if skipped:
             self.drafter.skip_rows(skipped, [rows[b].pending_start for b in skipped])
-        history = self._plain_history
+        history = list(self._plain_history)
         for r in rows:
             if r.plain_steps:
-                steps = list(itertools.islice(reversed(history), r.plain_steps))
-                r.pending_hidden.extend(step[members.index(r)] for step, members in reversed(steps))
+                r.pending_hidden.extend(step[members.index(r)] for step, members in history[-r.plain_steps :])
         n = max(len(r.pending_tokens) for r in rows)
         d = rows[0].pending_hidden[0].shape[-1]
         hidden = torch.zeros(len(rows), n, d, dtype=rows[0].pending_hidden[0].dtype, device=device)

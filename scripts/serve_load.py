@@ -37,12 +37,11 @@ def prompts(name: str) -> list[str]:
     """The first turns of a bundled question set ("stories" or "mt_bench"), taking the categories in turn (the
     first question of each, then the second of each, ...): a few requests already mix them, as MT-Bench's
     per-category benchmark does, rather than being all of its first category."""
-    from amphista.bench.questions import bundled_questions_path
+    from amphista.bench.questions import load_questions
 
-    lines = bundled_questions_path(name).read_text().splitlines()
     by_category: dict[str, list[str]] = {}
-    for q in (json.loads(line) for line in lines if line.strip()):
-        by_category.setdefault(q.get("category", ""), []).append(q["turns"][0])
+    for q in load_questions(name):
+        by_category.setdefault(q.category, []).append(q.turns[0])
     columns = list(by_category.values())
     return [c[i] for i in range(max(map(len, columns))) for c in columns if i < len(c)]
 

@@ -95,8 +95,7 @@ class Worker:
     def start(self) -> None:
         """Decode on a thread of the worker's own (what the app's lifespan calls), unless `run` decodes."""
         if not self.on_caller and not self.alive():
-            target = self._loop if self.engine is None else self._batch_loop
-            self.thread = threading.Thread(target=target, name="amphista-decoder", daemon=True)
+            self.thread = threading.Thread(target=self._decode, name="amphista-decoder", daemon=True)
             self.thread.start()
 
     def run(self) -> None:
@@ -107,17 +106,19 @@ class Worker:
         every step of SmolLM2 served from a thread of the worker's own."""
         self.on_caller = self.running = True
         try:
-            (self._loop if self.engine is None else self._batch_loop)()
+            self._decode()
         finally:
             self.running = False
 
+    def _decode(self) -> None:
+        (self._loop if self.engine is None else self._batch_loop)()
+
     def stop(self, timeout: float = 10.0) -> None:
         """No new jobs; the rows being decoded finish. Waits for a thread of the worker's own."""
-        if self.on_caller:
+        if self.on_caller or self.alive():
             self.jobs.put(None)
-        elif self.alive():
-            self.jobs.put(None)
-            self.thread.join(timeout)
+            if self.thread is not None:
+                self.thread.join(timeout)
         self.thread = None
 
     def submit(self, job: Job) -> None:
