@@ -251,7 +251,7 @@ def cost_key(model_config, dtype, device, drafter: dict | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "calibration": CALIBRATION,
-        "cpu_pack": cpu.enabled(),
+        "cpu_pack": cpu.signature(),
     }
 
 

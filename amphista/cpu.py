@@ -5,8 +5,12 @@ on the CPU, reads the weights at memory speed for one row but drops to a general
 a 576 -> 1536 layer of SmolLM2 takes 72 us for 1 row and 171 / 391 us for 4 / 16 rows (1 thread), its
 49,152-row lm_head 10 / 17 ms for 1 / 4. oneDNN's linear on weights reordered once into its blocked
 layout takes 66 / 90 / 275 us and 7.3 / 5.9 ms for the same shapes: a 4-row forward costs little more
-than a one-row one, which is what speculation needs. Small layers (under ~0.5M weights, e.g. a 3-head
-k/v projection) are faster with sgemm and keep it.
+than a one-row one, which is what speculation needs. The same holds, inside a forward, for SmolLM2's
+576 x 576 and 192 x 576 attention projections: on sgemm they read their weights at about half the packed
+layers' speed (one thread's, with two threads; 117 and 40 us a row), and packing them too took its
+one-token forward from 39 to 37.5 ms and its 4- / 8- / 16-node tree forwards from 41 / 43 / 53 to 35-38 /
+41 / 49-51 ms (2 threads, runs/s10). Layers under MIN_WEIGHTS (the bundled model's, 64 wide: per-call
+overhead, not bytes) keep sgemm.
 
 The weights are reordered once (a second copy in memory: the model's own tensors stay as they are, so
 `state_dict`, training and moving the model keep working); the reordered copy is used only while the
@@ -29,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Weights per layer from which oneDNN beats sgemm for 1-16 rows (measured on AVX-512, 1 thread).
-MIN_WEIGHTS = 1 << 19
+# Weights per layer from which oneDNN beats sgemm for 1-16 rows inside a forward (SmolLM2's 110k-weight k/v
+# projections gain; the bundled model's largest layer, 32k, is per-call overhead and keeps sgemm).
+MIN_WEIGHTS = 1 << 16
 # Batch-size hint for the reorder: the layout chosen for 16 rows serves 1-64 rows well.
 ROWS_HINT = 16
 ENV = "AMPHISTA_CPU_PACK"  # 0: keep sgemm everywhere
@@ -41,8 +46,13 @@ def available() -> bool:
 
 
 def enabled() -> bool:
-    """oneDNN linear is available and $AMPHISTA_CPU_PACK is not 0: what cached timings depend on."""
+    """oneDNN linear is available and $AMPHISTA_CPU_PACK is not 0."""
     return available() and os.environ.get(ENV, "1") != "0"
+
+
+def signature() -> int:
+    """What cached timings depend on: the smallest packed layer, 0 where nothing is packed."""
+    return MIN_WEIGHTS if enabled() else 0
 
 
 class PackedLinear:

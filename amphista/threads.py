@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from . import cpu
 from .sources import read_cached, write_cached
 
 REPEATS = 5
@@ -44,6 +45,7 @@ def _key(target) -> dict:
         "cpu": cpu_model(),
         "cores": usable_cores(),
         "torch": torch.__version__,
+        "cpu_pack": cpu.signature(),
     }
 
 

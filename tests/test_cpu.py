@@ -71,13 +71,15 @@ def test_fallbacks_when_the_weight_changes_or_autograd_needs_it():
 def test_target_packs_only_large_cpu_layers(monkeypatch):
     import transformers as T
 
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64)
     torch.manual_seed(0)
     model = T.LlamaForCausalLM(cfg).eval()
     target = amphista.TargetModel(model)
-    # gate/up/down (512 x 1024) are large enough; q/k/v/o (512 x 512 and smaller) and the head are not.
-    assert target.packed_linears == 3
+    # q/o (256 x 256 = MIN_WEIGHTS) and gate/up/down (256 x 1024) are large enough; k/v (64 x 256) and the
+    # head (64 x 256) are not.
+    assert cpu.MIN_WEIGHTS == 256 * 256
+    assert target.packed_linears == 5
     monkeypatch.setenv(ENV, "0")
     assert amphista.TargetModel(tiny_target("llama")).packed_linears == 0
     assert pack_linears(tiny_target("llama"), min_weights=0) == 0

@@ -49,7 +49,7 @@ def _key(drafter, target) -> dict:
         "cores": usable_cores(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu_pack": cpu.enabled(),
+        "cpu_pack": cpu.signature(),
     }
 
 
