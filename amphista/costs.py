@@ -39,7 +39,7 @@ DEFAULT_OVERHEAD_S = 1e-4
 BUDGET_S = 20.0
 FORMAT_VERSION = 1
 # Part of the cache key: a change to how calibration measures makes every cached model stale.
-CALIBRATION = 5
+CALIBRATION = 6
 
 
 def _interp(points: list[tuple[int, float]], x: float) -> float:
@@ -177,20 +177,20 @@ def calibrate(
     overhead_s: float = DEFAULT_OVERHEAD_S,
     budget_s: float = BUDGET_S,
 ) -> CostModel:
-    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up and one more call
-    made after the whole grid (a second look); then costs are made non-decreasing in rows and tokens (more
-    work never takes less time; a dip is noise).
+    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up and of one more call
+    made after the whole grid (a second look). Other processes on the machine only ever add time, so the
+    fastest call is the cost, and a point that is cheaper than a smaller one is kept as measured: on the
+    development machine a 4-token step of SmolLM2 costs less than a 2-token one (oneDNN picks another kernel
+    for 4 rows of a matrix product than for 2), and `auto` must see that.
 
     measure_forward(rows, tokens) runs one real batched forward (at a typical cache length) and returns its
     seconds; measure_draft(rows) returns a draft call's seconds, or None where it cannot be measured.
     The draft is measured first for every row count, then the forward grid in order of increasing work
-    (rows x tokens), then every point once more in the opposite order. The second look is there because the
-    non-decreasing envelope spreads one slow point to every larger one: a burst of other work on the machine
-    during a few points' repeats made every tree cost the same, and `auto` pick the largest (seen on the
-    development machine). A point whose cost, predicted from the points measured so far, would take the
-    calibration past `budget_s` is skipped and later interpolated: on a slow machine the largest batches
-    of the largest trees, which `auto` rarely picks, are extrapolated from smaller ones. The first point
-    of each kind is always measured.
+    (rows x tokens), then every point once more in the opposite order: a burst of other work on the machine
+    has to hit a point in both passes to raise it. A point whose cost, predicted from the points measured
+    so far, would take the calibration past `budget_s` is skipped and later interpolated: on a slow machine
+    the largest batches of the largest trees, which `auto` rarely picks, are extrapolated from smaller ones.
+    The first point of each kind is always measured.
     """
     rows, tokens = sorted(set(rows)), sorted(set(tokens))
     calls = repeats + 2  # warm-up, repeats, second look
@@ -214,11 +214,6 @@ def calibrate(
         again = measure_draft(r)
         if again is not None:
             draft[r] = min(draft[r], float(again))
-    for r, t in sorted(forward):
-        below = [v for (r2, t2), v in forward.items() if r2 <= r and t2 <= t]
-        forward[(r, t)] = max(below)
-    for r in sorted(draft):
-        draft[r] = max(v for r2, v in draft.items() if r2 <= r)
     return CostModel(forward, draft, overhead_s)
 
 
