@@ -44,8 +44,8 @@ CALIBRATION = 6
 
 def _interp(points: list[tuple[int, float]], x: float) -> float:
     """Piecewise linear through points sorted by x. Beyond the last point: the line through the last two,
-    but never below the last value (noise must not make a larger forward look cheaper than a measured
-    smaller one). Before the first: the first value (calibration always measures 1 row and 1 token)."""
+    but never below the last value (an extrapolation must not price an unmeasured larger forward below a
+    measured one). Before the first: the first value (calibration always measures 1 row and 1 token)."""
     if len(points) == 1 or x <= points[0][0]:
         return points[0][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):

@@ -6,8 +6,8 @@ a 576 -> 1536 layer of SmolLM2 takes 72 us for 1 row and 171 / 391 us for 4 / 16
 49,152-row lm_head 10 / 17 ms for 1 / 4. oneDNN's linear on weights reordered once into its blocked
 layout takes 66 / 90 / 275 us and 7.3 / 5.9 ms for the same shapes: a 4-row forward costs little more
 than a one-row one, which is what speculation needs. The same holds, inside a forward, for SmolLM2's
-576 x 576 and 192 x 576 attention projections: on sgemm they read their weights at about half the packed
-layers' speed (one thread's, with two threads; 117 and 40 us a row), and packing them too took its
+576 x 576 and 192 x 576 attention projections: with two threads, sgemm read their weights at about half the
+packed layers' speed (117 and 40 us for one row, about one core's bandwidth), and packing them too took its
 one-token forward from 39 to 37.5 ms and its 4- / 8- / 16-node tree forwards from 41 / 43 / 53 to 35-38 /
 41 / 49-51 ms (2 threads, runs/s10). Layers under MIN_WEIGHTS (the bundled model's, 64 wide: per-call
 overhead, not bytes) keep sgemm.
