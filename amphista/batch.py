@@ -167,7 +167,7 @@ class BatchEngine:
     (tree="auto"), or one node (plain decoding, no draft) for VanillaDecoder or where no tree pays.
     """
 
-    def __init__(self, decoder, max_rows: int = 8, max_len: int | None = None):
+    def __init__(self, decoder, max_rows: int = 8, max_len: int | None = None, ragged: bool = True):
         if max_rows < 1:
             raise InputError(f"max_rows must be >= 1, got {max_rows}")
         self.decoder = decoder
@@ -180,6 +180,9 @@ class BatchEngine:
             )
         self.max_rows = max_rows
         self.max_len = max_len  # cache positions per row; None: sized by the first request, grown as needed
+        # A fixed set of rows that all have to finish (generate_batch): trees must beat plain decoding by the
+        # ragged-tail margin (TreePolicy.margin). False where a finished row's slot is refilled (the server).
+        self.ragged = ragged
         self.rows: list[_Row] = []
         self.cache: RowsCache | None = None
         self._ids = itertools.count()
@@ -381,7 +384,7 @@ class BatchEngine:
         if self.forced_tree is not _UNFORCED:
             tree, policy = self.forced_tree, None
         else:
-            tree = policy.choose(B) if (policy is not None and self.drafter is not None) else None
+            tree = policy.choose(B, ragged=self.ragged) if (policy is not None and self.drafter is not None) else None
         self.last_tree = tree
         buf = self._buffers_for(tree)
         N = buf.num_nodes

@@ -345,10 +345,11 @@ class TreePolicy:
     STEP = math.log(2.0)  # bound on one observation's log(measured / predicted) pull: a hiccup moves little
     FORGET = 0.0002  # per observation, how far the other candidates' log corrections relax back to 0
     # A tree is chosen over plain decoding only when predicted faster by margin(rows). One row: noise only.
-    # Under speculation the rows of a batch finish at different steps (plain rows of one length finish
-    # together) and the batch waits for its slowest row, whose lag behind the mean grows as the expected
-    # maximum of `rows` draws: TAIL times that. The ragged tail of few-row steps ate about 20% of a 16-row
-    # batch's time on the bundled model, 1.77 (the expected maximum of 16 standard normals) x TAIL.
+    # Under speculation the rows of a fixed batch (generate_batch) finish at different steps (plain rows of
+    # one length finish together) and the batch waits for its slowest row, whose lag behind the mean grows as
+    # the expected maximum of `rows` draws: TAIL times that. The ragged tail of few-row steps ate about 20% of
+    # a 16-row batch's time on the bundled model, 1.77 (the expected maximum of 16 standard normals) x TAIL.
+    # A server's rows wait for nobody: a finished row's slot takes the next request (ragged=False).
     SINGLE_MARGIN = 0.05
     TAIL = 0.113
     # After a plain step, a tree must beat plain decoding by this much more, whatever the row count: the first tree
@@ -414,12 +415,12 @@ class TreePolicy:
             rates.append(rows * c.tau_at(gain) / (s * math.exp(common + own)))
         return rates
 
-    def _best(self, rows: int, fresh: bool = False) -> Candidate:
+    def _best(self, rows: int, fresh: bool = False, ragged: bool = True) -> Candidate:
         switching = self._was_plain and not fresh
-        choice = self._choice.get((rows, switching))
+        choice = self._choice.get((rows, switching, ragged))
         if choice is None:
             rates, best = self._rates(rows), 0
-            margin = self.margin(rows)
+            margin = self.margin(rows, ragged)
             if switching:  # leaving plain decoding costs a catch-up draft: no flapping
                 margin += self.SWITCH
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
@@ -431,22 +432,24 @@ class TreePolicy:
                     and rates[i] > rates[0] * (1.0 + margin)
                 ):
                     best = i
-            choice = self._choice[(rows, switching)] = self.candidates[best]
+            choice = self._choice[(rows, switching, ragged)] = self.candidates[best]
         return choice
 
     @classmethod
-    def margin(cls, rows: int) -> float:
+    def margin(cls, rows: int, ragged: bool = True) -> float:
         """How much faster than plain decoding a tree must be predicted to be chosen for `rows` live rows:
-        0.05 for one row, then 0.11 / 0.17 / 0.21 / 0.25 for 2 / 4 / 8 / 16 (see TAIL)."""
-        return cls.SINGLE_MARGIN + cls.TAIL * expected_max_normal(rows)
+        0.05 for one row, then 0.11 / 0.17 / 0.21 / 0.25 for 2 / 4 / 8 / 16 (see TAIL); 0.05 whatever the rows
+        where they are not `ragged` (a finished row's slot is refilled: nothing waits for the slowest row)."""
+        return cls.SINGLE_MARGIN + (cls.TAIL * expected_max_normal(rows) if ragged else 0.0)
 
-    def choose(self, rows: int, fresh: bool = False) -> TreeSpec | None:
+    def choose(self, rows: int, fresh: bool = False, ragged: bool = True) -> TreeSpec | None:
         """The tree for a step with `rows` live rows, or None for plain decoding. `fresh`: the choice is for
         new sequences, whose drafter reads the prompt whatever was chosen before, so leaving plain decoding
-        costs no catch-up draft and needs no SWITCH margin (the single-sequence path chooses per call)."""
+        costs no catch-up draft and needs no SWITCH margin (the single-sequence path chooses per call).
+        `ragged`: the rows are a fixed set that all have to finish (see margin)."""
         if fresh:
-            return self._best(rows, fresh=True).tree
-        tree = self._best(rows).tree
+            return self._best(rows, fresh=True, ragged=ragged).tree
+        tree = self._best(rows, ragged=ragged).tree
         if (tree is None) != self._was_plain:  # the switch margin changed: choices made under it are stale
             self._was_plain = tree is None
             self._choice.clear()

@@ -170,7 +170,7 @@ class FixedTree:
         self.spec = spec
         self.max_nodes = spec.num_nodes
 
-    def choose(self, rows: int) -> TreeSpec:
+    def choose(self, rows: int, fresh: bool = False, ragged: bool = True) -> TreeSpec:
         return self.spec
 
 

@@ -245,6 +245,28 @@ def test_auto_picks_trees_where_they_pay_and_plain_where_not(bundled, tmp_path, 
     assert [o.new_tokens for o in outs] == refs and all(o.tau == 1.0 for o in outs)
 
 
+def test_the_engine_tells_the_policy_whether_finished_rows_are_refilled(bundled):
+    from amphista.tree import FixedTree, TreeSpec
+
+    target, drafters = bundled
+    seen = []
+
+    class Recording(FixedTree):
+        def choose(self, rows, fresh=False, ragged=True):
+            seen.append((rows, ragged))
+            return super().choose(rows)
+
+    decoder = amphista.SpeculativeDecoder(target, drafters["amphista"], tree=TreeSpec.chain(3))
+    decoder.tree_policy = Recording(decoder.tree)
+    prompts = _story_prompts(target, 2)
+    for ragged in (True, False):  # generate_batch's fixed rows, the server's refilled ones
+        engine = BatchEngine(decoder, 2, ragged=ragged)
+        for p in prompts:
+            engine.add(p, max_new_tokens=4)
+        engine.step()
+    assert seen == [(2, True), (2, False)]
+
+
 def test_auto_calibrates_on_this_machine_and_caches(bundled, tmp_path, monkeypatch):
     monkeypatch.setenv("AMPHISTA_CACHE", str(tmp_path))
     monkeypatch.delenv("AMPHISTA_COST_MODEL", raising=False)

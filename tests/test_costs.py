@@ -338,6 +338,17 @@ def test_the_margin_grows_with_the_expected_lag_of_the_slowest_row():
     assert policy.choose(8) is None and policy.choose(16) is None  # but not the 8- or 16-row one
 
 
+def test_rows_whose_slots_are_refilled_need_only_the_noise_margin():
+    assert all(TreePolicy.margin(r, ragged=False) == TreePolicy.SINGLE_MARGIN for r in (1, 2, 8, 16))
+    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
+
+    def cost(rows, tokens):  # the best tree 1.15x plain decoding's rate, at every row count
+        return 1e-2 if tokens == 1 else 1e-2 * best_tau / 1.15
+
+    assert TreePolicy(model(cost), GOOD).choose(8) is None  # a fixed batch waits for its slowest row
+    assert TreePolicy(model(cost), GOOD).choose(8, ragged=False) is not None  # a server's rows wait for nobody
+
+
 def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
     best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
 

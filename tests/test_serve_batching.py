@@ -169,6 +169,7 @@ def test_concurrent_greedy_requests_equal_the_same_requests_one_by_one(target, m
         wait_for(lambda: metric(url, "amphista_rows_in_flight") == 0, "rows stayed in flight")
         assert metric(url, "amphista_active_generations") == 0
         assert app.state.worker.alive() and len(app.state.worker.engine) == 0
+        assert app.state.worker.engine.ragged is False  # a finished row's slot takes the next request
 
 
 @pytest.mark.parametrize("make", [vanilla, speculative], ids=["vanilla", "amphista"])

@@ -74,7 +74,7 @@ class Worker:
         self.engine: BatchEngine | None = None
         if max_batch_size > 1:
             try:
-                self.engine = BatchEngine(decoder, max_batch_size)
+                self.engine = BatchEngine(decoder, max_batch_size, ragged=False)
             except InputError as e:  # a drafter without batched decoding still serves, one request at a time
                 log.warning("batched decoding is off, requests are decoded one at a time: %s", e)
                 max_batch_size = 1
@@ -301,7 +301,7 @@ class Worker:
                 self.metrics.finish("error", row.tokens, now - row.t0)
                 row.job.emit("error", e)
             live.clear()
-            self.engine = BatchEngine(self.decoder, self.max_batch_size)
+            self.engine = BatchEngine(self.decoder, self.max_batch_size, ragged=False)
             return 0
 
     def _route(self, event: RowEvent, row: _Row, stepped: bool) -> bool:
