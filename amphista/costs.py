@@ -408,11 +408,12 @@ class TreePolicy:
     def _rates(self, rows: int) -> list[float]:
         """Predicted committed tokens per second of each candidate, corrected by observations."""
         bucket, gain = _bucket(rows), self.gain
-        common = self._log_ratio.get((bucket, 1), 0.0)  # plain decoding's correction applies to every tree too
+        common = self._log_ratio.get((bucket, 1), 0.0)  # plain decoding's: the machine, for every tree too
         rates = []
         for c, s in zip(self.candidates, self._predicted(rows)):
-            own = self._log_ratio.get((bucket, c.nodes), 0.0) if c.nodes > 1 else 0.0
-            rates.append(rows * c.tau_at(gain) / (s * math.exp(common + own)))
+            # A tree's own measurements, but never less slowed than the machine is now (see observe).
+            correction = common if c.nodes == 1 else max(common, self._log_ratio.get((bucket, c.nodes), common))
+            rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
         return rates
 
     def _best(self, rows: int, fresh: bool = False, ragged: bool = True) -> Candidate:
@@ -459,9 +460,9 @@ class TreePolicy:
         """Feed back a measured step time, so that a calibration that is off (another process on the cores,
         a cache length unlike the calibration's) heals. Per (rows bucket, nodes), a moving average of
         log(measured / predicted) rescales that candidate's predicted cost: a tree slower than predicted
-        loses to the next best, which is then measured in turn. Plain decoding's average rescales every
-        candidate of its bucket (it measures the machine: a slower machine slows every step alike), and a
-        tree's average is taken relative to it. One observation pulls the average by at
+        loses to the next best, which is then measured in turn. Plain decoding's average is a floor for every
+        candidate of its bucket (it measures the machine: a slower machine slows every step alike), so a tree
+        is costed at the larger of its own average and plain decoding's. One observation pulls the average by at
         most ALPHA * STEP (a 10x hiccup moves it 7%). Only the chosen candidate is measured, so the others'
         corrections relax back to none (half-life ~3,500 steps of their bucket): a tree judged slow by a
         passing load is tried again rather than excluded for good.
@@ -499,14 +500,16 @@ class TreePolicy:
                 self._update_gain()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
-        # Plain steps measure the machine: their correction scales every candidate of the bucket, so a machine
-        # that slows down while decoding plainly does not make the unmeasured trees look cheaper (it had
-        # switched 16 bundled rows to slower trees). A tree's own correction is relative to that.
-        common = self._log_ratio.get((bucket, 1), 0.0)
+        # Plain steps measure the machine: a tree is costed at its own correction or plain decoding's,
+        # whichever is larger (_rates), so a machine that slows down while decoding plainly does not make the
+        # trees measured before look cheaper (it had switched 16 bundled rows to slower trees). Each
+        # correction is its own candidate's log(measured / predicted): one taken relative to plain decoding's
+        # counted a slowdown twice where trees were measured first (a server's HTTP work slowed its first tree
+        # steps, then its plain ones, and the trees, 1.3x faster there, never came back).
         for c in self.candidates:
             log_ratio = self._log_ratio.get((bucket, c.nodes), 0.0)
             if c.nodes == nodes:
-                step = min(max(sample - (0.0 if nodes == 1 else common) - log_ratio, -self.STEP), self.STEP)
+                step = min(max(sample - log_ratio, -self.STEP), self.STEP)
                 self._log_ratio[(bucket, c.nodes)] = log_ratio + self.ALPHA * step
             elif log_ratio:
                 self._log_ratio[(bucket, c.nodes)] = log_ratio * (1.0 - self.FORGET)

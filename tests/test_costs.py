@@ -349,6 +349,28 @@ def test_rows_whose_slots_are_refilled_need_only_the_noise_margin():
     assert TreePolicy(model(cost), GOOD).choose(8, ragged=False) is not None  # a server's rows wait for nobody
 
 
+def test_a_slowdown_seen_first_by_trees_is_not_counted_twice_once_plain_steps_see_it():
+    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
+
+    def cost(rows, tokens):  # the best tree 1.3x plain decoding's rate
+        return 1e-2 if tokens == 1 else 1e-2 * best_tau / 1.3
+
+    policy = TreePolicy(model(cost), GOOD)
+    slow = 1.5  # every step, whatever it verifies (a server's HTTP work on the cores)
+    for _ in range(400):  # trees first: slower than predicted, until plain decoding looks better
+        tree = policy.choose(8, ragged=False)
+        if tree is None:
+            break
+        tau = policy.candidates[policy._index[tree.num_nodes]].tau
+        policy.observe(8, tree.num_nodes, cost(8, tree.num_nodes) * slow, tokens=tau)
+    assert policy.choose(8, ragged=False) is None
+    for _ in range(400):  # then plain steps, as slow: the slowdown was the machine's, and trees pay again
+        if policy.choose(8, ragged=False) is not None:
+            break
+        policy.observe(8, 1, cost(8, 1) * slow)
+    assert policy.choose(8, ragged=False) is not None
+
+
 def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
     best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
 
