@@ -500,12 +500,10 @@ class TreePolicy:
                 self._update_gain()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
-        # Plain steps measure the machine: a tree is costed at its own correction or plain decoding's,
-        # whichever is larger (_rates), so a machine that slows down while decoding plainly does not make the
-        # trees measured before look cheaper (it had switched 16 bundled rows to slower trees). Each
-        # correction is its own candidate's log(measured / predicted): one taken relative to plain decoding's
-        # counted a slowdown twice where trees were measured first (a server's HTTP work slowed its first tree
-        # steps, then its plain ones, and the trees, 1.3x faster there, never came back).
+        # Plain steps measure the machine: a tree is costed at the larger of its own correction and plain
+        # decoding's (_rates), so a machine that slows down while decoding plainly does not make trees measured
+        # before look cheaper. Corrections are absolute, not relative to plain decoding's: added to it, a
+        # slowdown the trees measured first would count twice and keep them out for good.
         for c in self.candidates:
             log_ratio = self._log_ratio.get((bucket, c.nodes), 0.0)
             if c.nodes == nodes:

@@ -9,7 +9,7 @@ than a one-row one, which is what speculation needs. The same holds, inside a fo
 576 x 576 and 192 x 576 attention projections: with two threads, sgemm read their weights at about half the
 packed layers' speed (117 and 40 us for one row, about one core's bandwidth), and packing them too took its
 one-token forward from 39 to 37.5 ms and its 4- / 8- / 16-node tree forwards from 41 / 43 / 53 to 35-38 /
-41 / 49-51 ms (2 threads, runs/s10). Layers under MIN_WEIGHTS (the bundled model's, 64 wide: per-call
+41 / 49-51 ms (2 threads). Layers under MIN_WEIGHTS (the bundled model's, 64 wide: per-call
 overhead, not bytes) keep sgemm.
 
 The weights are reordered once (a second copy in memory: the model's own tensors stay as they are, so
