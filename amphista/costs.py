@@ -408,12 +408,13 @@ class TreePolicy:
     def _rates(self, rows: int) -> list[float]:
         """Predicted committed tokens per second of each candidate, corrected by observations."""
         bucket, gain = _bucket(rows), self.gain
-        common = self._log_ratio.get((bucket, 1), 0.0)  # plain decoding's: the machine, for every tree too
+        plain = self._log_ratio.get((bucket, 1))  # the machine, for every tree too; None: not measured yet
         rates = []
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree's own measurements, but never less slowed than the machine is now (see observe).
-            correction = common if c.nodes == 1 else max(common, self._log_ratio.get((bucket, c.nodes), common))
-            rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
+            own = self._log_ratio.get((bucket, c.nodes)) if c.nodes > 1 else None
+            known = [v for v in (own, plain) if v is not None]
+            rates.append(rows * c.tau_at(gain) / (s * math.exp(max(known) if known else 0.0)))
         return rates
 
     def _best(self, rows: int, fresh: bool = False, ragged: bool = True) -> Candidate:

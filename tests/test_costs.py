@@ -371,6 +371,18 @@ def test_a_slowdown_seen_first_by_trees_is_not_counted_twice_once_plain_steps_se
     assert policy.choose(8, ragged=False) is not None
 
 
+def test_trees_measured_cheaper_than_predicted_are_not_floored_where_plain_decoding_was_never_measured():
+    def cost(rows, tokens):  # calibrated: every tree 10x plain decoding's step, so plain decoding wins
+        return 1e-2 if tokens == 1 else 1e-1
+
+    policy = TreePolicy(model(cost), GOOD)
+    assert policy.choose(1, fresh=True) is None
+    nodes = policy.candidates[-1].nodes
+    for _ in range(100):  # the largest tree measured at plain decoding's cost: well worth it
+        policy.observe(1, nodes, 1e-2, tokens=policy.candidates[-1].tau)
+    assert policy.choose(1, fresh=True) is not None
+
+
 def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
     best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
 
