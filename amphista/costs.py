@@ -413,8 +413,8 @@ class TreePolicy:
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree's own measurements, but never less slowed than the machine is now (see observe).
             own = self._log_ratio.get((bucket, c.nodes)) if c.nodes > 1 else None
-            known = [v for v in (own, plain) if v is not None]
-            rates.append(rows * c.tau_at(gain) / (s * math.exp(max(known) if known else 0.0)))
+            correction = max((v for v in (own, plain) if v is not None), default=0.0)
+            rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
         return rates
 
     def _best(self, rows: int, fresh: bool = False, ragged: bool = True) -> Candidate:

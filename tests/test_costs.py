@@ -36,6 +36,16 @@ def model(measure, draft=None, overhead_s=0.0):
     return calibrate(measure, draft, repeats=1, overhead_s=overhead_s, budget_s=1e9)
 
 
+def best_tree_beats_plain(gain: float):
+    """Weight-bound step costs at which GOOD's best tree commits `gain` x plain decoding's tokens per second."""
+    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
+
+    def cost(rows, tokens):
+        return 1e-2 if tokens == 1 else 1e-2 * best_tau / gain
+
+    return cost
+
+
 class Counter:
     def __init__(self, fn):
         self.fn, self.calls = fn, []
@@ -326,35 +336,20 @@ def test_the_margin_grows_with_the_expected_lag_of_the_slowest_row():
     assert margins[0] == TreePolicy.SINGLE_MARGIN and margins == sorted(margins)
     assert margins[4] == pytest.approx(0.25, abs=0.005)  # the bundled model's 16-row tail
 
-    def predicted(gain):  # weight-bound steps, the tree's best candidate `gain` x plain decoding's rate
-        def cost(rows, tokens):
-            return 1e-2 if tokens == 1 else 1e-2 * best_tau / gain
-
-        return cost
-
-    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
-    policy = TreePolicy(model(predicted(1.15)), GOOD)
+    policy = TreePolicy(model(best_tree_beats_plain(1.15)), GOOD)
     assert policy.choose(2) is not None  # 15% > the 2-row margin (11%)
     assert policy.choose(8) is None and policy.choose(16) is None  # but not the 8- or 16-row one
 
 
 def test_rows_whose_slots_are_refilled_need_only_the_noise_margin():
     assert all(TreePolicy.margin(r, ragged=False) == TreePolicy.SINGLE_MARGIN for r in (1, 2, 8, 16))
-    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
-
-    def cost(rows, tokens):  # the best tree 1.15x plain decoding's rate, at every row count
-        return 1e-2 if tokens == 1 else 1e-2 * best_tau / 1.15
-
+    cost = best_tree_beats_plain(1.15)  # at every row count
     assert TreePolicy(model(cost), GOOD).choose(8) is None  # a fixed batch waits for its slowest row
     assert TreePolicy(model(cost), GOOD).choose(8, ragged=False) is not None  # a server's rows wait for nobody
 
 
 def test_a_slowdown_seen_first_by_trees_is_not_counted_twice_once_plain_steps_see_it():
-    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
-
-    def cost(rows, tokens):  # the best tree 1.3x plain decoding's rate
-        return 1e-2 if tokens == 1 else 1e-2 * best_tau / 1.3
-
+    cost = best_tree_beats_plain(1.3)
     policy = TreePolicy(model(cost), GOOD)
     slow = 1.5  # every step, whatever it verifies (a server's HTTP work on the cores)
     for _ in range(400):  # trees first: slower than predicted, until plain decoding looks better
@@ -384,11 +379,7 @@ def test_trees_measured_cheaper_than_predicted_are_not_floored_where_plain_decod
 
 
 def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
-    best_tau = TreePolicy(model(weight_bound), GOOD).candidates[-1].tau
-
-    def cost(rows, tokens):  # the best tree 1.2x plain decoding's rate: under the 16-row margin
-        return 1e-2 if tokens == 1 else 1e-2 * best_tau / 1.2
-
+    cost = best_tree_beats_plain(1.2)  # under the 16-row margin
     policy = TreePolicy(model(cost), GOOD)
     assert policy.choose(16) is None
     for _ in range(300):  # every plain step 30% slower than calibrated (another process on the cores)

@@ -34,13 +34,25 @@ QUESTIONS = ["Hello!", "Tell me a story about a cat."]
 N = 12  # reference length; requests ask for up to N tokens
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, what: str, seconds: float = 60) -> None:
+    """A bound on a wait for something that happens or never does, not a speed check."""
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.01)
+
+
 class Server:
     """uvicorn in a thread on a free loopback port; `with Server(app) as base_url:`."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
@@ -564,19 +576,18 @@ def test_the_command_decodes_on_its_main_thread_and_sigterm_stops_it_gracefully(
     """Decoding on the thread that loaded the model (see Worker.run); SIGTERM ends the process with 0."""
     import signal
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = _serve_process(port)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
+                return httpx.get(url + "/health", timeout=2).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+                return False
+
+        wait_for(lambda: proc.poll() is not None or answers(), "the server did not answer /health", 120)
         assert httpx.get(url + "/health", timeout=2).json()["status"] == "ok"
         body = {"model": "stories260K", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)

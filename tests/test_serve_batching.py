@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_serve import AUTH, KEY, Server
+from test_serve import AUTH, KEY, Server, wait_for
 
 import amphista
 from amphista.cli import build_parser
@@ -128,14 +128,6 @@ def reference(target, body: dict) -> tuple[str, str]:
 def metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", headers=AUTH).text
     return float(next(ln.split()[1] for ln in text.splitlines() if ln.split()[0] == name))
-
-
-def wait_for(condition, what: str, seconds: float = 60) -> None:
-    """A bound on a wait for something that happens or never does, not a speed check."""
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline, what
-        time.sleep(0.01)
 
 
 def concurrently(app, url: str, reqs: list[tuple[str, dict]]) -> list[tuple[str, str, int]]:

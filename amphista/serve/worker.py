@@ -74,7 +74,7 @@ class Worker:
         self.engine: BatchEngine | None = None
         if max_batch_size > 1:
             try:
-                self.engine = BatchEngine(decoder, max_batch_size, ragged=False)
+                self.engine = self._new_engine(max_batch_size)
             except InputError as e:  # a drafter without batched decoding still serves, one request at a time
                 log.warning("batched decoding is off, requests are decoded one at a time: %s", e)
                 max_batch_size = 1
@@ -88,6 +88,10 @@ class Worker:
     @property
     def depth(self) -> int:
         return self.jobs.qsize()
+
+    def _new_engine(self, rows: int) -> BatchEngine:
+        # Not ragged: a finished row's slot takes the next request, so no row waits for another (TreePolicy.margin).
+        return BatchEngine(self.decoder, rows, ragged=False)
 
     def alive(self) -> bool:
         return self.running or (self.thread is not None and self.thread.is_alive())
@@ -301,7 +305,7 @@ class Worker:
                 self.metrics.finish("error", row.tokens, now - row.t0)
                 row.job.emit("error", e)
             live.clear()
-            self.engine = BatchEngine(self.decoder, self.max_batch_size, ragged=False)
+            self.engine = self._new_engine(self.max_batch_size)
             return 0
 
     def _route(self, event: RowEvent, row: _Row, stepped: bool) -> bool:
