@@ -23,10 +23,18 @@ def test_batch_benchmark_covers_every_method_and_size_and_rows_match():
     best = {b: max(r["tokens_per_s"] for r in results["rows"] if r["batch"] == b and r["method"] in (PLAIN, PLAIN_HF))
             for b in (1, 2)}  # fmt: skip
     assert all(abs(r["vs_plain"] * best[r["batch"]] - r["tokens_per_s"]) < 1e-6 for r in results["rows"])
+    for r in results["rows"]:  # run by run against the same run of the faster plain decoding
+        base = next(p for p in results["rows"] if p["batch"] == r["batch"] and p["tokens_per_s"] == best[r["batch"]])
+        expected = [a / b for a, b in zip(r["runs_tokens_per_s"], base["runs_tokens_per_s"])]
+        assert r["runs_vs_plain"] == expected and r["median_vs_plain"] == sum(expected) / 2
     assert set(results["sequential_tokens_per_s"]) == {PLAIN, "medusa@4", "medusa@auto", "amphista@4", "amphista@auto"}
     table = batch_markdown(results)
     assert "| batch |" in table and "amphista@auto" in table and "rows differ" not in table
     assert "fastest of 2 interleaved runs" in table
+    paired = table.split("Run by run")[1]  # the second table: median (lowest-highest) of the per-run ratios
+    r = next(r for r in results["rows"] if r["batch"] == 2 and r["method"] == "amphista@4")
+    lo, hi = min(r["runs_vs_plain"]), max(r["runs_vs_plain"])
+    assert f"{r['median_vs_plain']:.2f}x ({lo:.2f}-{hi:.2f})" in paired.splitlines()[5]  # the row of batch 2
 
 
 def test_bench_batch_sizes_command_writes_results(tmp_path, capsys):
