@@ -117,7 +117,7 @@ def test_openai_client_completion_and_chat_equal_vanilla_greedy(server, refs, ta
     url, app = server
     tok, c = target.tokenizer, client(url)
     model = c.models.list().data[0].id
-    assert model == app.state.model_name == "stories260K"
+    assert model == app.state.server.name == "stories260K"
     assert c.models.retrieve(model).id == model
     p = PROMPTS[0]
     r = c.completions.create(model=model, prompt=p, max_tokens=N, temperature=0)
@@ -344,7 +344,7 @@ def test_32_concurrent_clients_mixed_streaming(server, refs, target):
     assert sum(t.name == POOL_THREAD for t in threading.enumerate()) <= 40
     assert rss[-1] - rss[0] < 25, rss
     assert not [o for o in gc.get_objects() if type(o) is Job]
-    assert app.state.worker.depth == 0 and app.state.worker.alive()
+    assert app.state.server.worker.depth == 0 and app.state.server.worker.alive()
     assert httpx.get(url + "/health").json() == {"status": "ok", "queue_depth": 0}
     metrics = httpx.get(url + "/metrics", headers=AUTH).text
     for name in (
@@ -432,11 +432,11 @@ def test_errors_stay_with_their_request_and_a_full_queue_says_503(target, refs):
     with Server(app) as url, ThreadPoolExecutor(4) as pool:
         post = lambda b: httpx.post(url + "/v1/completions", json={**body, **b}, timeout=60)  # noqa: E731
         good = pool.submit(post, {"prompt": PROMPTS[1]})
-        while app.state.metrics.active == 0:  # the worker holds the first request at the gate
+        while app.state.server.metrics.active == 0:  # the worker holds the first request at the gate
             time.sleep(0.01)
         bad = pool.submit(post, {"prompt": [1, 499]})
         bad_stream = pool.submit(post, {"prompt": [1, 499], "stream": True})
-        while app.state.worker.depth < 2:
+        while app.state.server.worker.depth < 2:
             time.sleep(0.01)
         full = post({"prompt": "x"})
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"

@@ -132,7 +132,7 @@ def metric(url: str, name: str) -> float:
 
 def concurrently(app, url: str, reqs: list[tuple[str, dict]]) -> list[tuple[str, str, int]]:
     """Send every request at once, with the decoder held until all are queued: they decode as one batch."""
-    probe, worker = app.state.decoder.target, app.state.worker
+    probe, worker = app.state.server.decoder.target, app.state.server.worker
     probe.gate.clear()
     with ThreadPoolExecutor(len(reqs)) as pool:
         futures = [pool.submit(send, url, path, body) for path, body in reqs]
@@ -152,7 +152,7 @@ def test_concurrent_greedy_requests_equal_the_same_requests_one_by_one(target, m
     with Server(app) as url:
         alone = [send(url, path, body) for path, body in reqs]
         together = concurrently(app, url, reqs)
-        assert max(app.state.decoder.target.widths) == 8  # they did share forwards
+        assert max(app.state.server.decoder.target.widths) == 8  # they did share forwards
         assert together == alone
         for (text, reason, tokens), (_, body) in zip(alone, reqs):
             assert (text, reason) == reference(target, body), body
@@ -160,8 +160,8 @@ def test_concurrent_greedy_requests_equal_the_same_requests_one_by_one(target, m
                 assert tokens in (-1, body["max_tokens"])
         wait_for(lambda: metric(url, "amphista_rows_in_flight") == 0, "rows stayed in flight")
         assert metric(url, "amphista_active_generations") == 0
-        assert app.state.worker.alive() and len(app.state.worker.engine) == 0
-        assert app.state.worker.engine.ragged is False  # a finished row's slot takes the next request
+        assert app.state.server.worker.alive() and len(app.state.server.worker.engine) == 0
+        assert app.state.server.worker.engine.ragged is False  # a finished row's slot takes the next request
 
 
 @pytest.mark.parametrize("make", [vanilla, speculative], ids=["vanilla", "amphista"])
@@ -170,7 +170,7 @@ def test_more_requests_than_rows_wait_and_join_as_rows_leave(target, make):
     reqs = requests(7)
     with Server(app) as url:
         together = concurrently(app, url, reqs)
-        assert max(app.state.decoder.target.widths) == 3
+        assert max(app.state.server.decoder.target.widths) == 3
         assert [(text, reason) for text, reason, _ in together] == [reference(target, b) for _, b in reqs]
         assert metric(url, "amphista_queue_depth") == 0
 
@@ -211,13 +211,13 @@ def test_clients_that_hang_up_mid_generation_free_their_rows(target):
                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw
             )
             # Every request has been admitted (prefilled) once all prompts are counted.
-            wait_for(lambda: app.state.metrics.prompt_tokens == prompts, "the request never started")
+            wait_for(lambda: app.state.server.metrics.prompt_tokens == prompts, "the request never started")
         wait_for(lambda: metric(url, cancelled) == 2, "the hung-up requests were not cancelled")
         results = [f.result() for f in others]
         for (text, reason, _), body in zip(results, short):
             assert (text, reason) == reference(target, body)
         wait_for(lambda: metric(url, "amphista_rows_in_flight") == 0, "rows stayed in flight")
-        assert len(app.state.worker.engine) == 0 and metric(url, "amphista_active_generations") == 0
+        assert len(app.state.server.worker.engine) == 0 and metric(url, "amphista_active_generations") == 0
         # The two hung-up requests together: fewer tokens than one uninterrupted "Once" story (345, then EOS).
         hung_up = metric(url, "amphista_generated_tokens_total") - sum(tokens for _, _, tokens in results)
         assert hung_up < 345
@@ -235,9 +235,9 @@ def test_a_failing_prefill_fails_its_request_alone_and_a_failing_step_fails_the_
         post = lambda b: httpx.post(url + "/v1/completions", json=b, timeout=60)  # noqa: E731
         probe.gate.clear()
         futures = [pool.submit(post, good[0])]
-        wait_for(lambda: app.state.metrics.active == 1, "the first request never started")
+        wait_for(lambda: app.state.server.metrics.active == 1, "the first request never started")
         futures += [pool.submit(post, {**good[0], "prompt": [1, 499]}), pool.submit(post, good[1])]
-        wait_for(lambda: app.state.worker.depth == 2, "the requests never reached the queue")
+        wait_for(lambda: app.state.server.worker.depth == 2, "the requests never reached the queue")
         full = post({**good[0], "prompt": "x"})
         assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
         assert full.headers["Retry-After"] == "1"  # no generation has finished yet: no estimate
@@ -250,9 +250,9 @@ def test_a_failing_prefill_fails_its_request_alone_and_a_failing_step_fails_the_
         # A step (a forward of every live row) that fails fails each of its rows; the worker goes on.
         probe.gate.clear()
         futures = [pool.submit(post, good[0])]
-        wait_for(lambda: app.state.metrics.active == 1, "the first request never started")
+        wait_for(lambda: app.state.server.metrics.active == 1, "the first request never started")
         futures.append(pool.submit(post, {**good[1], "stream": True}))
-        wait_for(lambda: app.state.worker.depth == 1, "the request never reached the queue")
+        wait_for(lambda: app.state.server.worker.depth == 1, "the request never reached the queue")
         probe.fail = lambda tokens: tokens.shape[0] == 2
         probe.gate.set()
         failed, failed_stream = (f.result() for f in futures)
@@ -291,8 +291,8 @@ def test_batch_size_one_keeps_decoding_one_request_at_a_time(target):
     reqs = requests(4)
     with Server(app) as url:
         together = concurrently(app, url, reqs)
-        assert set(app.state.decoder.target.widths) == {1}
-        assert app.state.worker.engine is None and metric(url, "amphista_max_batch_size") == 1
+        assert set(app.state.server.decoder.target.widths) == {1}
+        assert app.state.server.worker.engine is None and metric(url, "amphista_max_batch_size") == 1
         assert metric(url, "amphista_batch_tokens_per_second") > 0
     assert [(text, reason) for text, reason, _ in together] == [reference(target, b) for _, b in reqs]
 
@@ -317,5 +317,5 @@ def test_a_drafter_without_batched_decoding_serves_one_request_at_a_time(target,
         app = create_app(
             amphista.SpeculativeDecoder(target, drafter, resolve_tree(None, path)), max_batch_size=8
         )
-    assert app.state.worker.max_batch_size == 1 and app.state.metrics.max_batch_size == 1
+    assert app.state.server.worker.max_batch_size == 1 and app.state.server.metrics.max_batch_size == 1
     assert "batched decoding is off" in caplog.text

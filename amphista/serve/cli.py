@@ -211,8 +211,8 @@ def run_serve(args) -> int:
         max_batch_size=args.max_batch_size,
     )
     print(
-        f"amphista serve: model {app.state.model_name!r} with {type(decoder).__name__}, up to "
-        f"{app.state.worker.max_batch_size} requests at once, on http://{args.host}:{args.port}/v1",
+        f"amphista serve: model {app.state.server.name!r} with {type(decoder).__name__}, up to "
+        f"{app.state.server.worker.max_batch_size} requests at once, on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
     return serve_on_main_thread(
@@ -224,7 +224,7 @@ def serve_on_main_thread(app, server) -> int:
     """HTTP on a thread, decoding on this one (the main thread: see Worker.run). SIGINT or SIGTERM shuts down
     gracefully (answers in progress finish, then the worker's rows); a second SIGINT stops at once. 0 after a
     shutdown, 1 when the server did not start (a port in use: uvicorn has said why)."""
-    worker = app.state.worker
+    worker = app.state.server.worker
     worker.on_caller = True  # before the app's lifespan runs: it must not start a decoding thread
 
     def http() -> None:
