@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import DrafterMismatchError, InputError
 from ..target import TargetModel
 from .base import Drafter
+from .saving import save_drafter
 from .vocab import check_d2t
 
 
@@ -278,8 +279,6 @@ class HeadDrafter(Drafter):
     def save_pretrained(self, path) -> None:
         """Write config.json, model.safetensors and README.md (only when absent or an unedited card of ours)
         into the folder `path`, each file atomically; every other file and subfolder there is kept."""
-        from .io import save_drafter
-
         save_drafter(self, path)
 
 
