@@ -184,31 +184,29 @@ class TreeBuffers:
         return TreeBuffers(spec, device)
 
     def __init__(self, spec: TreeSpec, device: torch.device | str = "cpu"):
+        # From Python lists, one tensor op per buffer: dynamic trees meet a new tree every few steps, and
+        # element-wise tensor writes made a 16-node tree's buffers cost ~0.3 ms, a fifth of a bundled step.
         self.spec = spec
-        n = spec.num_nodes
-        index = {p: i + 1 for i, p in enumerate(spec.paths)}
-        parent = [0] + [index.get(p[:-1], 0) for p in spec.paths]
-        depth = [0] + [len(p) for p in spec.paths]
+        n, paths = spec.num_nodes, spec.paths
+        index = {p: i + 1 for i, p in enumerate(paths)}
+        parent = [0] + [index.get(p[:-1], 0) for p in paths]
+        depth = [0] + [len(p) for p in paths]
+        chains = [[0]]  # node i's ancestors from the root down, itself last (paths are prefix-closed, in order)
+        for i in range(1, n):
+            chains.append(chains[parent[i]] + [i])
         mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[:, 0] = True
-        for i, p in enumerate(spec.paths, start=1):
-            for d in range(1, len(p) + 1):
-                mask[i, index[p[:d]]] = True
-        mask[0, 0] = True
+        mask[[i for i, c in enumerate(chains) for _ in c], [j for c in chains for j in c]] = True
         # One row per leaf: the node indices from the root down, padded by repeating the leaf.
-        leaves = [p for p in spec.paths if not any(q[: len(p)] == p and len(q) > len(p) for q in spec.paths)]
-        retrieve = torch.zeros(len(leaves), spec.depth + 1, dtype=torch.long)
-        valid = torch.zeros(len(leaves), spec.depth + 1, dtype=torch.bool)
-        for row, leaf in enumerate(leaves):
-            chain = [0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)]
-            retrieve[row, : len(chain)] = torch.tensor(chain)
-            retrieve[row, len(chain) :] = chain[-1]
-            valid[row, : len(chain)] = True
+        width = spec.depth + 1
+        has_child = set(parent[1:])
+        leaves = [chains[i] for i in range(1, n) if i not in has_child]
+        retrieve = torch.tensor([c + c[-1:] * (width - len(c)) for c in leaves], dtype=torch.long).view(-1, width)
+        valid = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in leaves]).view(-1, width)
         children: list[list[int]] = [[] for _ in range(n)]
         for i in range(1, n):
             children[parent[i]].append(i)
         for c in children:  # try siblings best rank first
-            c.sort(key=lambda i: spec.paths[i - 1][-1])
+            c.sort(key=lambda i: paths[i - 1][-1])
 
         self.num_nodes = n
         self.device = torch.device(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 
 import pytest
 
@@ -13,6 +14,7 @@ from amphista.tree import (
     TreeBuffers,
     TreeSpec,
     build_tree,
+    dynamic_tree,
     expected_tau,
     load_accuracies,
     rank_probs_from_topk,
@@ -133,3 +135,30 @@ def test_malformed_path_frequencies_are_named(tmp_path):
     f.write_text(json.dumps({"top_k": ACC, "paths": [[[0], "x"]]}))
     with pytest.raises(amphista.TreeError, match="malformed path frequencies"):
         load_accuracies(f)
+
+
+@pytest.mark.parametrize("nodes", [2, 5, 16, 64])
+def test_buffers_match_their_definitions(nodes):
+    """Every buffer of a dynamic tree (any shape) against its definition, path by path."""
+    gen = random.Random(nodes)
+    probs = [sorted((gen.random() for _ in range(6)), reverse=True) for _ in range(4)]
+    spec = dynamic_tree(probs, nodes)
+    buf = TreeBuffers(spec)
+    paths = [()] + list(spec.paths)  # node i holds path paths[i]; the root, the empty path
+    n = len(paths)
+    expected_mask = [[paths[i][: len(paths[j])] == paths[j] for j in range(n)] for i in range(n)]
+    assert buf.mask.tolist() == expected_mask  # a node sees itself and exactly its ancestors
+    assert buf.parent.tolist() == [0] + [paths.index(p[:-1]) for p in paths[1:]]
+    assert buf.depth.tolist() == buf.depths == [len(p) for p in paths]
+    leaves = [i for i in range(1, n) if not any(q[:-1] == paths[i] for q in paths[1:])]
+    width = spec.depth + 1
+    for row, leaf in enumerate(leaves):
+        chain = [paths.index(paths[leaf][:d]) for d in range(len(paths[leaf]) + 1)]
+        assert buf.retrieve[row].tolist() == chain + [leaf] * (width - len(chain))
+        assert buf.valid[row].tolist() == [True] * len(chain) + [False] * (width - len(chain))
+    assert buf.retrieve.shape == (len(leaves), width)
+    for i in range(n):
+        kids = sorted((j for j in range(1, n) if paths[j][:-1] == paths[i]), key=lambda j: paths[j][-1])
+        assert buf.children[i] == kids
+    assert buf.head.tolist() == [len(p) - 1 for p in spec.paths]
+    assert buf.rank.tolist() == [p[-1] for p in spec.paths]
