@@ -50,7 +50,8 @@ def auto_policy(decoder: SpeculativeDecoder):
     """tree="auto": a TreePolicy from the drafter's head accuracies and this machine's measured step costs
     (calibrated once per model, drafter, device and thread count, then cached; see docs/cost-model.md)."""
     from .batch import StepTimer
-    from .costs import ROWS, CostModel, TreePolicy, cost_key, load_or_calibrate
+    from .costs import ROWS, CostModel, cost_key, load_or_calibrate
+    from .policy import TreePolicy
 
     drafter = decoder.drafter
     accuracies = head_accuracies(decoder)

@@ -11,13 +11,13 @@ from amphista.costs import (
     OVERRIDE_ENV,
     TOKENS,
     CostModel,
-    TreePolicy,
     cache_path,
     calibrate,
     cost_key,
     load_or_calibrate,
 )
 from amphista.errors import InputError
+from amphista.policy import TreePolicy
 from amphista.tree import HeadAccuracy, build_tree
 
 GOOD = [[0.8, 0.9, 0.93, 0.95], [0.6, 0.75, 0.8, 0.83], [0.45, 0.6, 0.65, 0.7], [0.35, 0.5, 0.55, 0.6]]
@@ -327,7 +327,7 @@ def test_a_new_sequence_leaves_plain_decoding_without_the_switch_margin():
 
 
 def test_the_margin_grows_with_the_expected_lag_of_the_slowest_row():
-    from amphista.costs import expected_max_normal
+    from amphista.policy import expected_max_normal
 
     assert expected_max_normal(1) == 0.0
     assert expected_max_normal(2) == pytest.approx(1 / torch.pi**0.5, abs=1e-6)  # E max of two = 1/sqrt(pi)
