@@ -4,12 +4,17 @@ Each layer owns (1, H, max_len, D) buffers written by position index (as in gpt-
 path costs a copy of a few rows and rejecting costs nothing. The model sees only the filled prefix, so
 attention never runs over empty slots. It plugs into any `transformers` model as its
 `cache` (`past_key_values` before transformers 5.24).
+
+`RowsCache` is the same for many sequences at once (batched decoding): one buffer, a slot per row, each row
+at its own committed length.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from .errors import InputError
 
 
 class TreeKVLayer(DynamicLayer):
@@ -135,3 +140,91 @@ class TreeCache(Cache):
     def truncate(self, length: int) -> None:
         for layer in self.layers:
             layer.set_length(length)
+
+
+class _RowsLayer(DynamicLayer):
+    """One layer's view of the shared buffer; the cache says which rows and positions a forward writes."""
+
+    def __init__(self, owner: RowsCache, index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+        self.is_initialized = True  # the owner allocates; transformers must not
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.owner.write(self.index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.owner.past
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+
+class RowsCache(Cache):
+    """The target's KV cache for up to `capacity` sequences, each with its own committed length.
+
+    One (layers, 2, capacity, H, max_len, D) buffer: rows live in slots 0..B-1, a position's keys and values
+    sit at its index, so a row's prefix never moves and committing an accepted path is one gather and one
+    scatter for the whole model. `prepare` names the rows and positions the next forward writes."""
+
+    def __init__(self, num_layers: int, capacity: int, max_len: int):
+        super().__init__(layers=[_RowsLayer(self, i) for i in range(num_layers)])
+        self.num_layers, self.capacity, self.max_len = num_layers, capacity, max_len
+        self.buf: torch.Tensor | None = None
+        self.rows = slice(0, 0)
+        self.index: torch.Tensor | None = None  # (r, 1, q, 1) write positions, expanded per layer
+        self.kv_end = 0
+        self.past = 0
+
+    def prepare(self, rows: slice, slots: torch.Tensor, kv_end: int) -> None:
+        """The next forward writes rows `rows`, token j of row b into cache slot slots[b, j], and attends to
+        slots < kv_end. (A tree's slots are not its positions: siblings share a position, not a slot.)"""
+        self.rows, self.kv_end = rows, kv_end
+        self.index = slots[:, None, :, None]
+        self.past = kv_end - slots.shape[1]
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        if self.buf is None:
+            _, h, _, d = key.shape
+            if value.shape[-1] != d:
+                raise InputError(
+                    "batched decoding needs keys and values of one head size in every layer; this target's "
+                    "differ: decode its sequences one at a time with generate()"
+                )
+            self.buf = key.new_zeros(self.num_layers, 2, self.capacity, h, self.max_len, d)
+        index = self.index.expand(-1, key.shape[1], -1, key.shape[3])
+        k, v = self.buf[layer, 0, self.rows], self.buf[layer, 1, self.rows]
+        k.scatter_(2, index, key)
+        v.scatter_(2, index, value)
+        return k[:, :, : self.kv_end], v[:, :, : self.kv_end]
+
+    def grow(self, max_len: int) -> None:
+        """Make every slot hold `max_len` positions, keeping what the live rows hold."""
+        if max_len <= self.max_len:
+            return
+        if self.buf is not None:
+            old = self.buf
+            self.buf = old.new_zeros(*old.shape[:4], max_len, old.shape[5])
+            self.buf[..., : self.max_len, :] = old
+        self.max_len = max_len
+
+    def commit(self, rows: int, starts: list[int], nodes: list[list[int]]) -> None:
+        """Row b wrote a tree at starts[b]..; keep its accepted `nodes[b]` (ascending, root first) at
+        starts[b].. . Rows whose accepted nodes already sit in place (a chain of top-1s) need no copy."""
+        if self.buf is None or all(n[-1] == len(n) - 1 for n in nodes):
+            return
+        width = max(len(n) for n in nodes)
+        src = torch.tensor(
+            [[s + (n[i] if i < len(n) else n[-1]) for i in range(width)] for s, n in zip(starts, nodes)]
+        )
+        dst = torch.tensor([[s + i for i in range(width)] for s in starts])
+        buf = self.buf[:, :, :rows]
+        shape = (*buf.shape[:3], buf.shape[3], width, buf.shape[5])
+        src = src.to(buf.device)[None, None, :, None, :, None].expand(shape)
+        dst = dst.to(buf.device)[None, None, :, None, :, None].expand(shape)
+        buf.scatter_(4, dst, buf.gather(4, src))
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Slot `src`'s first `length` positions now live in slot `dst`."""
+        if self.buf is not None and src != dst:
+            self.buf[:, :, dst, :, :length] = self.buf[:, :, src, :, :length]
