@@ -201,7 +201,8 @@ class TreeBuffers:
         has_child = set(parent[1:])
         leaves = [chains[i] for i in range(1, n) if i not in has_child]
         retrieve = torch.tensor([c + c[-1:] * (width - len(c)) for c in leaves], dtype=torch.long).view(-1, width)
-        valid = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in leaves]).view(-1, width)
+        valid = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in leaves], dtype=torch.bool)
+        valid = valid.view(-1, width)
         children: list[list[int]] = [[] for _ in range(n)]
         for i in range(1, n):
             children[parent[i]].append(i)
