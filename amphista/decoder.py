@@ -213,7 +213,10 @@ class SpeculativeDecoder(Decoder):
             if choice != (None if self._plain else self.tree):
                 self._use(choice)
         if self._plain:  # tree="auto" found no tree that pays for one row on this machine
+            self.last_step_parts = []
             out = yield from VanillaDecoder._run(self, request)
+            if self.profile_steps:  # a plain step is all forward: no draft, and a one-node tree needs no commit
+                self.last_step_parts = [(0.0, seconds, 0.0, 0.0) for seconds in out.step_times[1:]]
             if self.auto:  # plain steps too: their cost, and they let a low acceptance estimate relax
                 for seconds in out.step_times[1:]:
                     self.tree_policy.observe(1, 1, seconds)

@@ -186,6 +186,22 @@ def test_step_breakdown_in_results(chat_run):
     assert "## Step breakdown" in md and "| vanilla_loop (one-token forward) |" in md
 
 
+def test_a_call_decoded_plainly_reports_its_own_steps(chat_target):
+    drafter = bundled.load_default_drafter("amphista", chat_target)
+    dec = amphista.SpeculativeDecoder(chat_target, drafter, tree=amphista.build_tree(
+        amphista.tree.load_accuracies(bundled.default_drafter_path("amphista") / "head_accuracy.json"), 8))
+    dec.profile_steps = True
+    prompt = chat_target.tokenizer("Once upon a time")["input_ids"]
+    dec.generate(prompt, max_new_tokens=40)  # tree steps: parts of its own
+    dec._use(None)  # as tree="auto" does where no tree pays for one row
+    out = dec.generate(prompt, max_new_tokens=12)
+    assert all(a == 1 for a in out.accept_lengths)
+    # Its parts, one per decode step (before: the previous call's, read again by the benchmark).
+    assert len(dec.last_step_parts) == len(out.step_times) - 1 == 11
+    assert [sum(p) for p in dec.last_step_parts] == pytest.approx(out.step_times[1:])
+    assert all(p[0] == p[2] == p[3] == 0.0 for p in dec.last_step_parts)
+
+
 def test_draft_and_verification_lie_within_each_step(chat_target):
     drafter = bundled.load_default_drafter("amphista", chat_target)
     dec = amphista.SpeculativeDecoder(chat_target, drafter, tree=amphista.build_tree(
