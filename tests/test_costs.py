@@ -17,7 +17,7 @@ from amphista.costs import (
     load_or_calibrate,
 )
 from amphista.errors import InputError
-from amphista.policy import TreePolicy
+from amphista.policy import TreePolicy, _between
 from amphista.tree import HeadAccuracy, build_tree
 
 GOOD = [[0.8, 0.9, 0.93, 0.95], [0.6, 0.75, 0.8, 0.83], [0.45, 0.6, 0.65, 0.7], [0.35, 0.5, 0.55, 0.6]]
@@ -388,3 +388,18 @@ def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
     rates = policy._rates(16)
     assert rates[0] == pytest.approx(16 / 1.3e-2, rel=0.02)  # the slowdown is learned, for all
     assert max(rates[1:]) / rates[0] == pytest.approx(1.2, rel=0.01)
+
+
+def test_a_uniform_slowdown_does_not_send_the_choice_to_sizes_not_measured_yet():
+    # Decoding steps run slower than the calibration's fastest repeats, by the same share whatever the tree.
+    # Sizes not measured yet are costed from their measured neighbours, not at the calibration's optimism.
+    policy = TreePolicy(model(weight_bound), GOOD)  # every tree costs a plain step: the largest commits most
+    chosen = set()
+    for _ in range(400):
+        tree = policy.choose(2, ragged=False)
+        chosen.add(tree.num_nodes)
+        i = policy._index[tree.num_nodes]
+        policy.observe(2, tree.num_nodes, policy._predicted(2)[i] * 1.08, tokens=policy.candidates[i].tau)
+    assert chosen == {policy.candidates[-1].nodes}  # before: 24, 32 and 48 nodes too, each in turn
+    assert _between([(1, 0.0), (8, 0.12)], 4) == pytest.approx(0.08)  # linear in log(nodes) between two
+    assert _between([(1, 0.0), (8, 0.12)], 16) == 0.12  # the largest measured one's beyond it
