@@ -159,7 +159,10 @@ class TreePolicy:
         rates = []
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree's own measurements, but never less slowed than the machine is now (see observe).
-            own = self._log_ratio.get((bucket, c.nodes), _between(known, c.nodes)) if c.nodes > 1 else None
+            own = None
+            if c.nodes > 1:
+                own = self._log_ratio.get((bucket, c.nodes))
+                own = _between(known, c.nodes) if own is None else own
             correction = max((v for v in (own, plain) if v is not None), default=0.0)
             rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
         return rates
