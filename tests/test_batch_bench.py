@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from amphista.bench.batching import PLAIN, PLAIN_HF, BatchBenchConfig, batch_markdown, run_batch_benchmark
 from amphista.bundled import default_drafter_path
 from amphista.cli import main
@@ -28,9 +30,18 @@ def test_batch_benchmark_covers_every_method_and_size_and_rows_match():
         expected = [a / b for a, b in zip(r["runs_tokens_per_s"], base["runs_tokens_per_s"])]
         assert r["runs_vs_plain"] == expected and r["median_vs_plain"] == sum(expected) / 2
     assert set(results["sequential_tokens_per_s"]) == {PLAIN, "medusa@4", "medusa@auto", "amphista@4", "amphista@auto"}
+    for r in results["rows"]:  # against the same decoder on the same prompts, one after another
+        timed = results["sequential_per_prompt"].get(r["method"])
+        if timed is None:
+            assert r["vs_sequential"] is None and r["method"] == PLAIN_HF
+            continue
+        assert len(timed) == 2 and all(new == 12 for new, _ in timed)
+        seconds = sum(s for _, s in timed[: r["batch"]])
+        assert r["vs_sequential"] == pytest.approx(r["tokens_per_s"] * seconds / (12 * r["batch"]))
     table = batch_markdown(results)
     assert "| batch |" in table and "amphista@auto" in table and "rows differ" not in table
     assert "fastest of 2 interleaved runs" in table
+    assert "the same rows one after another" in table
     paired = table.split("Run by run")[1]  # the second table: median (lowest-highest) of the per-run ratios
     r = next(r for r in results["rows"] if r["batch"] == 2 and r["method"] == "amphista@4")
     lo, hi = min(r["runs_vs_plain"]), max(r["runs_vs_plain"])

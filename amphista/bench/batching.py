@@ -180,17 +180,21 @@ def run_batch_benchmark(cfg: BatchBenchConfig) -> dict:
             fastest["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
             rows.append(fastest)
     bar.close()
-    sequential = {}
+    sequential = {}  # method -> tokens/s decoding every prompt one after another
+    one_by_one: dict[str, list[list[float]]] = {}  # method -> per prompt [new tokens, fastest seconds]
     if cfg.sequential:
         for e in entries:
             if e.kind != "speculative" and e.name != PLAIN:
                 continue
+            timed = one_by_one[e.name] = [[0, float("inf")] for _ in prompts]
             for _ in range(cfg.runs):
-                sync(target.device)
-                t0 = time.perf_counter()
-                new = sum(e.decoder.generate(p, **kw).num_new_tokens for p in prompts[: max(sizes)])
-                sync(target.device)
-                sequential[e.name] = max(sequential.get(e.name, 0.0), new / (time.perf_counter() - t0))
+                for i, p in enumerate(prompts):
+                    sync(target.device)
+                    t0 = time.perf_counter()
+                    new = e.decoder.generate(p, **kw).num_new_tokens
+                    sync(target.device)
+                    timed[i] = min(timed[i], [new, time.perf_counter() - t0], key=lambda t: t[1])
+            sequential[e.name] = sum(t[0] for t in timed) / sum(t[1] for t in timed)
     baseline: dict[int, dict] = {}  # batch size -> the faster plain decoding's row
     for r in rows:
         best = baseline.get(r["batch"])
@@ -203,12 +207,15 @@ def run_batch_benchmark(cfg: BatchBenchConfig) -> dict:
         # leaves out the machine's drift between runs, which the ratio of the fastest runs does not.
         r["runs_vs_plain"] = [a / b for a, b in zip(r["runs_tokens_per_s"], base["runs_tokens_per_s"])]
         r["median_vs_plain"] = statistics.median(r["runs_vs_plain"])
+        # Against the same decoder on the same prompts, one after another (each prompt's fastest run).
+        timed = one_by_one.get(r["method"], [])[: r["batch"]]
         r["vs_sequential"] = (
-            r["tokens_per_s"] / sequential[r["method"]] if r["method"] in sequential else None
+            r["tokens_per_s"] * sum(t[1] for t in timed) / sum(t[0] for t in timed) if timed else None
         )
     return {
         "rows": rows,
         "sequential_tokens_per_s": sequential,
+        "sequential_per_prompt": one_by_one,
         "settings": {
             "batch_sizes": sizes,
             "tree_sizes": list(cfg.tree_sizes),
@@ -252,8 +259,8 @@ def batch_markdown(results: dict) -> str:
     if runs > 1 and all("runs_vs_plain" in r for r in results["rows"]):
         lines += [
             "",
-            "Run by run, against the faster plain decoding of the same run (seconds apart, so the machine's drift"
-            " between runs drops out): median (lowest-highest) of the ratios",
+            "Run by run, against the faster plain decoding of the same run (seconds apart, so the machine's"
+            " drift between runs drops out): median (lowest-highest) of the ratios",
             "",
             head,
             "|" + "---|" * (len(methods) + 1),
@@ -266,6 +273,19 @@ def batch_markdown(results: dict) -> str:
                 out.append(
                     f"{r['median_vs_plain']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
                 )
+            lines.append(f"| {b} | " + " | ".join(out) + " |")
+    together = [m for m in methods if any((cell.get((b, m)) or {}).get("vs_sequential") for b in sizes)]
+    if together:
+        lines += [
+            "",
+            "The rows at once against the same rows one after another with the same decoder (each prompt's"
+            " fastest run): ratio of tokens/s",
+            "",
+            "| batch | " + " | ".join(together) + " |",
+            "|" + "---|" * (len(together) + 1),
+        ]
+        for b in sizes:
+            out = [f"{(cell.get((b, m)) or {}).get('vs_sequential') or 0:.2f}x" for m in together]
             lines.append(f"| {b} | " + " | ".join(out) + " |")
     seq = results.get("sequential_tokens_per_s") or {}
     if seq:
