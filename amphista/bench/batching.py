@@ -229,64 +229,59 @@ def run_batch_benchmark(cfg: BatchBenchConfig) -> dict:
     }
 
 
+def _table(title: str, sizes: list[int], columns: list[str], text) -> list[str]:
+    """A markdown table under `title`: a row per batch size, a column per method, text(batch, method) in each."""
+    lines = [title, "", "| batch | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    return lines + [f"| {b} | " + " | ".join(text(b, m) for m in columns) + " |" for b in sizes]
+
+
 def batch_markdown(results: dict) -> str:
-    """Tokens/s per batch size and method, with the ratio to the best plain decoding and tau."""
+    """Tokens/s per batch size and method, with the ratio to the best plain decoding and tau; the ratios run by
+    run; the rows at once against the same rows one after another."""
     sizes = results["settings"]["batch_sizes"]
     methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
     cell = {(r["batch"], r["method"]): r for r in results["rows"]}
-    head = "| batch | " + " | ".join(methods) + " |"
     runs = results["settings"].get("runs", 1)
-    lines = [
+
+    def fastest(b, m):
+        r = cell.get((b, m))
+        if r is None:
+            return ""
+        text = f"{r['tokens_per_s']:.0f} ({r['vs_plain']:.2f}x"
+        text += f", tau {r['tau']:.2f})" if r["tau"] and r["tau"] > 1.0 else ")"
+        return text + (f" **{r['mismatched_rows']} rows differ**" if r["mismatched_rows"] else "")
+
+    def run_by_run(b, m):
+        r = cell.get((b, m))
+        if r is None:
+            return ""
+        ratios = r["runs_vs_plain"]
+        return f"{r['median_vs_plain']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+    lines = _table(
         "Aggregate tokens/s (ratio to the faster plain decoding; tau = tokens per row per target forward)"
         + (f"; the fastest of {runs} interleaved runs of each" if runs > 1 else ""),
-        "",
-        head,
-        "|" + "---|" * (len(methods) + 1),
-    ]
-    for b in sizes:
-        out = []
-        for m in methods:
-            r = cell.get((b, m))
-            if r is None:
-                out.append("")
-                continue
-            text = f"{r['tokens_per_s']:.0f} ({r['vs_plain']:.2f}x"
-            text += f", tau {r['tau']:.2f})" if r["tau"] and r["tau"] > 1.0 else ")"
-            if r["mismatched_rows"]:
-                text += f" **{r['mismatched_rows']} rows differ**"
-            out.append(text)
-        lines.append(f"| {b} | " + " | ".join(out) + " |")
+        sizes,
+        methods,
+        fastest,
+    )
     if runs > 1 and all("runs_vs_plain" in r for r in results["rows"]):
-        lines += [
-            "",
+        lines += [""] + _table(
             "Run by run, against the faster plain decoding of the same run (seconds apart, so the machine's"
             " drift between runs drops out): median (lowest-highest) of the ratios",
-            "",
-            head,
-            "|" + "---|" * (len(methods) + 1),
-        ]
-        for b in sizes:
-            out = []
-            for m in methods:
-                r = cell.get((b, m))
-                ratios = r["runs_vs_plain"] if r is not None else None
-                out.append(
-                    f"{r['median_vs_plain']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else ""
-                )
-            lines.append(f"| {b} | " + " | ".join(out) + " |")
+            sizes,
+            methods,
+            run_by_run,
+        )
     together = [m for m in methods if any((cell.get((b, m)) or {}).get("vs_sequential") for b in sizes)]
     if together:
-        lines += [
-            "",
+        lines += [""] + _table(
             "The rows at once against the same rows one after another with the same decoder (each prompt's"
             " fastest run): ratio of tokens/s",
-            "",
-            "| batch | " + " | ".join(together) + " |",
-            "|" + "---|" * (len(together) + 1),
-        ]
-        for b in sizes:
-            out = [f"{(cell.get((b, m)) or {}).get('vs_sequential') or 0:.2f}x" for m in together]
-            lines.append(f"| {b} | " + " | ".join(out) + " |")
+            sizes,
+            together,
+            lambda b, m: f"{(cell.get((b, m)) or {}).get('vs_sequential') or 0:.2f}x",
+        )
     seq = results.get("sequential_tokens_per_s") or {}
     if seq:
         lines += [
