@@ -534,9 +534,22 @@ class StepTimer:
         # turn sees, not at whatever length a long calibration would drift to.
         self.limit = min(self.context + 192, self.context + min(room, 1024) - 2 * tree_slots(self.decoder))
 
+    def _unseen_lost(self, rows: int) -> bool:
+        """Whether a plain step of fewer rows came between one of the first `rows` rows' plain steps and now.
+        A live row takes part in every step of a real batch, and the drafter's catch-up reads a row's unseen
+        hidden states from the engine's last plain steps; the timer's steps take any number of rows."""
+        history = list(self.engine._plain_history) if self.engine is not None else []
+        recent = (history[len(history) - r.plain_steps :] for r in self.rows[:rows])
+        return any(
+            r.plain_steps > len(history) or any(r not in members for _, members in steps)
+            for r, steps in zip(self.rows[:rows], recent)
+            if r.plain_steps
+        )
+
     @torch.inference_mode()
     def step(self, rows: int, tree: TreeSpec | None) -> float:
-        if self.engine is None or any(r.length >= self.limit for r in self.rows[:rows]):
+        full = self.engine is not None and any(r.length >= self.limit for r in self.rows[:rows])
+        if self.engine is None or full or self._unseen_lost(rows):
             self._fill()  # fresh rows before any could finish mid-measurement
         engine = self.engine
         engine.rows = self.rows[:rows]  # the other slots keep their state, untouched by this step

@@ -33,9 +33,10 @@ TOKENS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Verification and bookkeeping per row per step; a guess that `TreePolicy.observe` corrects where it is off.
 DEFAULT_OVERHEAD_S = 1e-4
 BUDGET_S = 20.0
+LOOKS = 8  # passes over the whole grid after the first, as the budget allows (see calibrate)
 FORMAT_VERSION = 1
 # Part of the cache key: a change to how calibration measures makes every cached model stale.
-CALIBRATION = 6
+CALIBRATION = 7
 
 
 def _interp(points: list[tuple[int, float]], x: float) -> float:
@@ -172,25 +173,30 @@ def calibrate(
     repeats: int = 3,
     overhead_s: float = DEFAULT_OVERHEAD_S,
     budget_s: float = BUDGET_S,
+    looks: int = LOOKS,
 ) -> CostModel:
-    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up and of one more call
-    made after the whole grid (a second look). Other processes on the machine only ever add time, so the
-    fastest call is the cost, and a point that is cheaper than a smaller one is kept as measured: on the
-    development machine a 4-token step of SmolLM2 costs less than a 2-token one (oneDNN picks another kernel
-    for 4 rows of a matrix product than for 2), and `auto` must see that.
+    """Measure a `CostModel`: each point is the fastest of `repeats` calls after one warm-up and of up to
+    `looks` more calls, one per pass over the whole grid (later looks). Other processes on the machine only
+    ever add time, so the fastest call is the cost, and a point that is cheaper than a smaller one is kept as
+    measured: on the development machine a 4-token step of SmolLM2 costs less than a 2-token one (oneDNN
+    picks another kernel for 4 rows of a matrix product than for 2), and `auto` must see that.
 
     measure_forward(rows, tokens) runs one real batched forward (at a typical cache length) and returns its
     seconds; measure_draft(rows) returns a draft call's seconds, or None where it cannot be measured.
     The draft is measured first for every row count, then the forward grid in order of increasing work
-    (rows x tokens), then every point once more in the opposite order: a burst of other work on the machine
-    has to hit a point in both passes to raise it. A point whose cost, predicted from the points measured
-    so far, would take the calibration past `budget_s` is skipped and later interpolated: on a slow machine
-    the largest batches of the largest trees, which `auto` rarely picks, are extrapolated from smaller ones.
-    The first point of each kind is always measured.
+    (rows x tokens). Then the later looks: every point once more per pass, passes alternating between the
+    opposite order and this one, the first always, the others while they fit the budget. A burst of other
+    work lasts seconds and raises the points measured during it; with the looks spread over the whole
+    calibration it has to hit a point in every pass to raise it (three calls in a row, one look: fresh
+    calibrations of the bundled model put a 1-row step 10-20% apart from one another, and `auto`'s one-row
+    choice with them). A point whose cost, predicted from the points measured so far, would take the
+    first pass past `budget_s` is skipped and later interpolated: on a slow machine the largest batches of
+    the largest trees, which `auto` rarely picks, are extrapolated from smaller ones. The first point of
+    each kind is always measured.
     """
     rows, tokens = sorted(set(rows)), sorted(set(tokens))
-    calls = repeats + 2  # warm-up, repeats, second look
-    spent, draft, forward = 0.0, {}, {}  # spent: measured so far plus the second looks still to come
+    calls = repeats + 2  # warm-up, repeats, the first later look
+    spent, draft, forward = 0.0, {}, {}  # spent: measured so far plus the first later look still to come
     for r in rows if measure_draft is not None else ():
         if draft and spent + _interp(sorted(draft.items()), r) * calls > budget_s:
             continue
@@ -204,12 +210,23 @@ def calibrate(
             continue
         forward[(r, t)], cost = _fastest_timed(measure_forward, (r, t), repeats)
         spent += cost + forward[(r, t)]
-    for point in sorted(forward, key=lambda p: (p[0] * p[1], p[1]), reverse=True):
-        forward[point] = min(forward[point], float(measure_forward(*point)))
-    for r in sorted(draft, reverse=True):
-        again = measure_draft(r)
-        if again is not None:
-            draft[r] = min(draft[r], float(again))
+    spent -= sum(forward.values()) + sum(draft.values())  # the first look is charged as it runs
+    for look in range(looks):
+        if look and spent + sum(forward.values()) + sum(draft.values()) > budget_s:
+            break
+        backwards = look % 2 == 0
+        for point in sorted(forward, key=lambda p: (p[0] * p[1], p[1]), reverse=backwards):
+            start = time.perf_counter()
+            s = float(measure_forward(*point))
+            spent += max(s, time.perf_counter() - start)
+            forward[point] = min(forward[point], s)
+        for r in sorted(draft, reverse=backwards):
+            start = time.perf_counter()
+            again = measure_draft(r)
+            wall = time.perf_counter() - start
+            spent += wall if again is None else max(float(again), wall)
+            if again is not None:
+                draft[r] = min(draft[r], float(again))
     return CostModel(forward, draft, overhead_s)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from amphista.costs import (
+    LOOKS,
     OVERRIDE_ENV,
     TOKENS,
     CostModel,
@@ -179,7 +180,7 @@ def test_calibrate_takes_the_fastest_repeat_and_keeps_what_more_work_measured_ch
     draft = Counter(lambda rows: None if rows == 4 else 1e-4 * rows)
     m = calibrate(compute_bound, draft, rows=(1, 2, 4), tokens=(1, 2), repeats=2)
     assert m.draft == {1: pytest.approx(1e-4), 2: pytest.approx(2e-4)}  # None: not measured
-    assert draft.calls.count((1,)) == 4 and draft.calls.count((4,)) == 1
+    assert draft.calls.count((1,)) == 1 + 2 + LOOKS and draft.calls.count((4,)) == 1  # warm-up, repeats, looks
     assert set(m.forward) == {(r, t) for r in (1, 2, 4) for t in (1, 2)}
 
 
@@ -194,6 +195,24 @@ def test_a_burst_of_other_work_during_calibration_does_not_flatten_the_costs():
 
     m = calibrate(measure, rows=(1, 2), tokens=(1, 2, 4, 8, 16, 32), repeats=3, budget_s=1e9)
     assert m.forward == {(r, t): pytest.approx(1e-3 * r * t) for r in (1, 2) for t in (1, 2, 4, 8, 16, 32)}
+
+
+def test_a_burst_across_the_end_of_the_first_pass_is_healed_by_the_later_looks():
+    # The first pass measures the largest points last and the first later look (backwards) measures them first:
+    # a burst across that boundary (calls 40-52 of a 12-point grid, 4 calls a point in the first pass) hits them
+    # in both. A single later look keeps them 4x too dear; the looks after it do not.
+    def run(looks):
+        calls = []
+
+        def measure(r, t):
+            calls.append((r, t))
+            return 1e-3 * r * t * (4 if 40 <= len(calls) < 53 else 1)
+
+        return calibrate(measure, rows=(1, 2), tokens=(1, 2, 4, 8, 16, 32), repeats=3, budget_s=1e9, looks=looks)
+
+    exact = {(r, t): pytest.approx(1e-3 * r * t) for r in (1, 2) for t in (1, 2, 4, 8, 16, 32)}
+    assert run(1).forward[(2, 32)] == pytest.approx(4 * 64e-3)
+    assert run(LOOKS).forward == exact
 
 
 def test_calibrate_respects_the_budget():
