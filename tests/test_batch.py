@@ -151,6 +151,34 @@ def test_engine_grows_its_cache_for_a_longer_request(bundled):
     assert outputs[long].new_tokens == plain.generate(prompts[1], max_new_tokens=100).new_tokens
 
 
+def test_a_trees_room_past_the_requests_comes_with_the_first_tree_that_needs_it(bundled):
+    # Spare slots for a tree past every row's last token slow plain steps (auto decodes many rows plainly):
+    # the cache holds the requests alone until a tree step near a row's end needs more, then grows once.
+    target, drafters = bundled
+    prompts = _story_prompts(target, 2)
+    longest = max(len(p) for p in prompts) + 20
+    plain = amphista.VanillaDecoder(target)
+    engine = BatchEngine(plain, max_rows=2)
+    for p in prompts:
+        engine.add(p, max_new_tokens=20, eos_token_id=[])
+    _drain(engine)
+    assert engine.cache.max_len == longest
+    decoder = amphista.SpeculativeDecoder(target, drafters["medusa"], tree=[[0], [1], [0, 0], [0, 0, 0]])
+    engine = BatchEngine(decoder, max_rows=2)
+    ids = [engine.add(p, max_new_tokens=20, eos_token_id=[]) for p in prompts]
+    assert engine.cache.max_len == longest
+    finished = []
+    while engine:
+        for event in engine.step():
+            if event.output is not None:
+                finished.append((event.id, event.output))
+        assert engine.cache.max_len in (longest, longest + 5)
+    assert engine.cache.max_len == longest + 5  # the rows' last trees ran past their requests
+    outputs = dict(finished)
+    for rid, p in zip(ids, prompts):
+        assert outputs[rid].new_tokens == plain.generate(p, max_new_tokens=20, eos_token_id=[]).new_tokens
+
+
 def test_cache_rows_equal_recomputation(bundled):
     """After speculative steps with rejected branches, each row's committed keys and values are exactly
     what one forward over its committed tokens computes."""
