@@ -84,6 +84,7 @@ class TreePolicy:
     ALPHA = 0.1  # weight of one observation in the online correction
     STEP = math.log(2.0)  # bound on one observation's log(measured / predicted) pull: a hiccup moves little
     FORGET = 0.0002  # per observation, how far the other candidates' log corrections relax back to 0
+    RELAX = 0.0035  # per tree step, how far the other trees' corrections relax toward its own (half-life ~200)
     # A tree is chosen over plain decoding only when predicted faster by margin(rows). One row: noise only.
     # Under speculation the rows of a fixed batch (generate_batch) finish at different steps (plain rows of
     # one length finish together) and the batch waits for its slowest row, whose lag behind the mean grows as
@@ -214,9 +215,11 @@ class TreePolicy:
         loses to the next best, which is then measured in turn. Plain decoding's average is a floor for every
         candidate of its bucket (it measures the machine: a slower machine slows every step alike), so a tree
         is costed at the larger of its own average and plain decoding's. One observation pulls the average by at
-        most ALPHA * STEP (a 10x hiccup moves it 7%). Only the chosen candidate is measured, so the others'
-        corrections relax back to none (half-life ~3,500 steps of their bucket): a tree judged slow by a
-        passing load is tried again rather than excluded for good.
+        most ALPHA * STEP (a 10x hiccup moves it 7%). Only the chosen candidate is measured, so the other trees'
+        corrections relax toward the chosen tree's (RELAX: half-life ~200 tree steps of their bucket), and the
+        rest toward none (FORGET: plain decoding's at tree steps, the trees' at plain steps; ~3,500): a tree
+        judged slow by a passing load is tried again rather than left behind for good, while what every tree
+        pays alike (the machine, the calibration's optimism) stays.
 
         `tokens`, the mean tokens each row committed in that step, feeds a second correction: `gain`, the
         moving average of observed / expected accepted drafts, scales every tree's expected gain over
@@ -255,12 +258,16 @@ class TreePolicy:
         # decoding's (_rates), so a machine that slows down while decoding plainly does not make trees measured
         # before look cheaper. Corrections are absolute, not relative to plain decoding's: added to it, a
         # slowdown the trees measured first would count twice and keep them out for good.
+        own = self._log_ratio.get((bucket, nodes), 0.0)
+        own += self.ALPHA * min(max(sample - own, -self.STEP), self.STEP)
+        self._log_ratio[(bucket, nodes)] = own
         for c in self.candidates:
-            log_ratio = self._log_ratio.get((bucket, c.nodes), 0.0)
-            if c.nodes == nodes:
-                step = min(max(sample - log_ratio, -self.STEP), self.STEP)
-                self._log_ratio[(bucket, c.nodes)] = log_ratio + self.ALPHA * step
-            elif log_ratio:
+            log_ratio = self._log_ratio.get((bucket, c.nodes))
+            if c.nodes == nodes or not log_ratio:
+                continue
+            if nodes > 1 and c.nodes > 1:
+                self._log_ratio[(bucket, c.nodes)] = log_ratio + self.RELAX * (own - log_ratio)
+            else:
                 self._log_ratio[(bucket, c.nodes)] = log_ratio * (1.0 - self.FORGET)
         # Choose again every REVISIT observations, not after each: one step moves the averages a few percent
         # at most, and re-ranking every candidate costs ~2% of a 16-row step of the bundled model.
