@@ -98,6 +98,13 @@ class TreePolicy:
     # and a policy flipping on noise would pay that again and again.
     SWITCH = 0.15
     REVISIT = 8  # observations between two rankings of the candidates
+    # One ranking in EXPLORE_EVERY tries, instead of the best tree, the tree measured least lately among those
+    # predicted within EXPLORE_WITHIN of it. Observations correct only the trees chosen, so a tree calibrated
+    # too dear (a slow moment of the machine during its calibration) was never chosen and never corrected:
+    # two bundled rows kept 6-node trees, which the calibration put 9% cheaper than 8-node ones, where the
+    # two cost the same and 8 nodes decoded 7% faster. The cost: a few percent on one step in 16, at most.
+    EXPLORE_EVERY = 16
+    EXPLORE_WITHIN = 0.1
     GAIN_ALPHA = 0.02  # weight of one step in the moving average of observed / expected accepted tokens
     GAIN_PRIOR = 5  # the accuracies' promise counts as this many observed steps
     # Per plain step, how far the observed acceptance relaxes back toward the accuracies' promise (half-life
@@ -131,6 +138,8 @@ class TreePolicy:
         self._choice: dict[int, Candidate] = {}
         self._was_plain = False  # the latest step decoded plainly (its drafter fell behind)
         self._observations = 0
+        self._rankings = 0  # times the choices were cleared for a new ranking (see EXPLORE_EVERY)
+        self._last_seen: dict[tuple[int, int], int] = {}  # (rows bucket, nodes) -> latest observation's number
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
         self._gain = 1.0
         self._gain_stale = False  # observations moved the means since `gain` was last solved for
@@ -155,18 +164,23 @@ class TreePolicy:
         # plain decoding's, 0 until measured), not at that optimism: uncorrected, every untried size looked a
         # few percent faster than the tried ones, and `auto` kept moving to them (3-node and 32-node trees
         # among 6-12-node ones on two bundled rows, 6-10% slower than a fixed 8-node tree).
-        known = [(1, 0.0 if plain is None else plain)]
-        known += sorted((n, v) for (b, n), v in self._log_ratio.items() if b == bucket and n > 1)
         rates = []
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree's own measurements, but never less slowed than the machine is now (see observe).
-            own = None
-            if c.nodes > 1:
-                own = self._log_ratio.get((bucket, c.nodes))
-                own = _between(known, c.nodes) if own is None else own
+            own = self._own(bucket, c.nodes) if c.nodes > 1 else None
             correction = max((v for v in (own, plain) if v is not None), default=0.0)
             rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
         return rates
+
+    def _own(self, bucket: int, nodes: int) -> float:
+        """A tree size's log correction: its own moving average, or interpolated from its measured neighbours."""
+        own = self._log_ratio.get((bucket, nodes))
+        if own is None:
+            plain = self._log_ratio.get((bucket, 1))
+            known = [(1, 0.0 if plain is None else plain)]
+            known += sorted((n, v) for (b, n), v in self._log_ratio.items() if b == bucket and n > 1)
+            own = _between(known, nodes)
+        return own
 
     def _best(self, rows: int, fresh: bool = False, ragged: bool = True) -> Candidate:
         switching = self._was_plain and not fresh
@@ -178,13 +192,18 @@ class TreePolicy:
                 margin += self.SWITCH
             # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
             # beat plain decoding by margin(rows).
-            for i in range(1, len(rates)):
-                if (
-                    self.candidates[i].tau > 1.0
-                    and rates[i] > rates[best]
-                    and rates[i] > rates[0] * (1.0 + margin)
-                ):
+            pays = [
+                i for i in range(1, len(rates))
+                if self.candidates[i].tau > 1.0 and rates[i] > rates[0] * (1.0 + margin)
+            ]
+            for i in pays:
+                if rates[i] > rates[best]:
                     best = i
+            if best and self._rankings % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
+                close = [i for i in pays if i != best and rates[i] >= rates[best] * (1.0 - self.EXPLORE_WITHIN)]
+                if close:
+                    bucket = _bucket(rows)
+                    best = min(close, key=lambda i: self._last_seen.get((bucket, self.candidates[i].nodes), -1))
             choice = self._choice[(rows, switching, ragged)] = self.candidates[best]
         return choice
 
@@ -258,7 +277,8 @@ class TreePolicy:
         # decoding's (_rates), so a machine that slows down while decoding plainly does not make trees measured
         # before look cheaper. Corrections are absolute, not relative to plain decoding's: added to it, a
         # slowdown the trees measured first would count twice and keep them out for good.
-        own = self._log_ratio.get((bucket, nodes), 0.0)
+        # A size measured for the first time starts from what it was costed at (interpolated), not from none.
+        own = self._own(bucket, nodes) if nodes > 1 else self._log_ratio.get((bucket, 1), 0.0)
         own += self.ALPHA * min(max(sample - own, -self.STEP), self.STEP)
         self._log_ratio[(bucket, nodes)] = own
         for c in self.candidates:
@@ -266,13 +286,18 @@ class TreePolicy:
             if c.nodes == nodes or not log_ratio:
                 continue
             if nodes > 1 and c.nodes > 1:
-                self._log_ratio[(bucket, c.nodes)] = log_ratio + self.RELAX * (own - log_ratio)
+                # Only a penalty fades: a tree measured cheaper than the one in use keeps that until it is chosen
+                # and measured again (an optimistic correction corrects itself; a pessimistic one would not).
+                if log_ratio > own:
+                    self._log_ratio[(bucket, c.nodes)] = log_ratio + self.RELAX * (own - log_ratio)
             else:
                 self._log_ratio[(bucket, c.nodes)] = log_ratio * (1.0 - self.FORGET)
         # Choose again every REVISIT observations, not after each: one step moves the averages a few percent
         # at most, and re-ranking every candidate costs ~2% of a 16-row step of the bundled model.
         self._observations += 1
+        self._last_seen[(bucket, nodes)] = self._observations
         if self._observations % self.REVISIT == 0:
+            self._rankings += 1
             self._choice.clear()
 
     def _update_gain(self) -> None:

@@ -418,7 +418,8 @@ def test_a_uniform_slowdown_does_not_send_the_choice_to_sizes_not_measured_yet()
     chosen = set()
     for _ in range(400):
         tree = policy.choose(2, ragged=False)
-        chosen.add(tree.num_nodes)
+        if policy._rankings % policy.EXPLORE_EVERY != policy.EXPLORE_EVERY - 1:  # not a deliberate try
+            chosen.add(tree.num_nodes)
         i = policy._index[tree.num_nodes]
         policy.observe(2, tree.num_nodes, policy._predicted(2)[i] * 1.08, tokens=policy.candidates[i].tau)
     assert chosen == {policy.candidates[-1].nodes}  # before: 24, 32 and 48 nodes too, each in turn
@@ -451,3 +452,20 @@ def test_a_passing_slowdown_does_not_leave_the_trees_it_hit_behind_for_good():
 
     runs = [efficiency_after_the_slowdown(seed) for seed in range(8)]
     assert sum(runs) / len(runs) > 0.985 and min(runs) > 0.975
+
+
+def test_a_tree_calibrated_too_dear_is_tried_and_then_chosen():
+    # Observations correct only the trees chosen: a calibration that caught the best tree in a slow moment made it
+    # look 8% dearer than it is, and it was never chosen, so never corrected. Now and then a close runner-up is
+    # tried (EXPLORE_EVERY), its true cost is learnt, and it wins.
+    def real(nodes):  # 8 nodes best by 4.5%: past it each node costs 16x more
+        return 1.4e-3 if nodes == 1 else 2.0e-3 + 1e-5 * nodes + 1.5e-4 * max(nodes - 8, 0)
+
+    true_best = max(TreePolicy(model(lambda r, t: real(t)), GOOD).candidates, key=lambda c: c.tau / real(c.nodes))
+    policy = TreePolicy(model(lambda r, t: real(t) * (1.08 if t == true_best.nodes else 1.0)), GOOD)
+    assert policy.choose(2, ragged=False).num_nodes != true_best.nodes
+    for _ in range(800):
+        nodes = policy.choose(2, ragged=False).num_nodes
+        policy.observe(2, nodes, real(nodes), tokens=policy.candidates[policy._index[nodes]].tau)
+    exploiting = [policy._best(2, ragged=False).nodes]
+    assert policy._rankings % policy.EXPLORE_EVERY != policy.EXPLORE_EVERY - 1 and exploiting == [true_best.nodes]
