@@ -84,7 +84,7 @@ class TreePolicy:
     ALPHA = 0.1  # weight of one observation in the online correction
     STEP = math.log(2.0)  # bound on one observation's log(measured / predicted) pull: a hiccup moves little
     FORGET = 0.0002  # per observation, how far the other candidates' log corrections relax back to 0
-    RELAX = 0.0035  # per tree step, how far the other trees' corrections relax toward its own (half-life ~200)
+    RELAX = 0.0035  # per tree step, how far other trees' corrections relax toward its own (half-life ~200)
     # A tree is chosen over plain decoding only when predicted faster by margin(rows). One row: noise only.
     # Under speculation the rows of a fixed batch (generate_batch) finish at different steps (plain rows of
     # one length finish together) and the batch waits for its slowest row, whose lag behind the mean grows as
@@ -139,7 +139,7 @@ class TreePolicy:
         self._was_plain = False  # the latest step decoded plainly (its drafter fell behind)
         self._observations = 0
         self._rankings = 0  # times the choices were cleared for a new ranking (see EXPLORE_EVERY)
-        self._last_seen: dict[tuple[int, int], int] = {}  # (rows bucket, nodes) -> latest observation's number
+        self._last_seen: dict[tuple[int, int], int] = {}  # (rows bucket, nodes) -> its latest observation
         # Observed / expected accepted tokens beyond the first, as a moving average (see observe).
         self._gain = 1.0
         self._gain_stale = False  # observations moved the means since `gain` was last solved for
