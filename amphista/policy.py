@@ -186,26 +186,30 @@ class TreePolicy:
         switching = self._was_plain and not fresh
         choice = self._choice.get((rows, switching, ragged))
         if choice is None:
-            rates, best = self._rates(rows), 0
-            margin = self.margin(rows, ragged)
-            if switching:  # leaving plain decoding costs a catch-up draft: no flapping
-                margin += self.SWITCH
-            # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must
-            # beat plain decoding by margin(rows).
-            pays = [
-                i for i in range(1, len(rates))
-                if self.candidates[i].tau > 1.0 and rates[i] > rates[0] * (1.0 + margin)
-            ]
-            for i in pays:
-                if rates[i] > rates[best]:
-                    best = i
-            if best and self._rankings % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:
-                close = [i for i in pays if i != best and rates[i] >= rates[best] * (1.0 - self.EXPLORE_WITHIN)]
-                if close:
-                    bucket = _bucket(rows)
-                    best = min(close, key=lambda i: self._last_seen.get((bucket, self.candidates[i].nodes), -1))
-            choice = self._choice[(rows, switching, ragged)] = self.candidates[best]
+            exploring = self._rankings % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1
+            choice = self._choice[(rows, switching, ragged)] = self._rank(rows, switching, ragged, exploring)
         return choice
+
+    def _rank(self, rows: int, switching: bool, ragged: bool, exploring: bool) -> Candidate:
+        rates, best = self._rates(rows), 0
+        margin = self.margin(rows, ragged)
+        if switching:  # leaving plain decoding costs a catch-up draft: no flapping
+            margin += self.SWITCH
+        # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must beat plain
+        # decoding by margin(rows).
+        pays = [
+            i for i in range(1, len(rates))
+            if self.candidates[i].tau > 1.0 and rates[i] > rates[0] * (1.0 + margin)
+        ]
+        for i in pays:
+            if rates[i] > rates[best]:
+                best = i
+        if best and exploring:
+            close = [i for i in pays if i != best and rates[i] >= rates[best] * (1.0 - self.EXPLORE_WITHIN)]
+            if close:
+                bucket = _bucket(rows)
+                best = min(close, key=lambda i: self._last_seen.get((bucket, self.candidates[i].nodes), -1))
+        return self.candidates[best]
 
     @classmethod
     def margin(cls, rows: int, ragged: bool = True) -> float:
@@ -317,10 +321,11 @@ class TreePolicy:
         return self._gain
 
     def table(self, rows_list=ROWS) -> list[dict]:
-        """Per row count: the chosen size, its expected tau and predicted tokens/s, and plain decoding's."""
+        """Per row count: the size chosen (never a deliberate try of a runner-up), its expected tau and
+        predicted tokens/s, and plain decoding's."""
         out = []
         for rows in rows_list:
-            choice, rates = self._best(rows), self._rates(rows)
+            choice, rates = self._rank(rows, self._was_plain, True, exploring=False), self._rates(rows)
             out.append({
                 "rows": rows,
                 "nodes": choice.nodes,

@@ -469,3 +469,6 @@ def test_a_tree_calibrated_too_dear_is_tried_and_then_chosen():
         policy.observe(2, nodes, real(nodes), tokens=policy.candidates[policy._index[nodes]].tau)
     exploiting = [policy._best(2, ragged=False).nodes]
     assert policy._rankings % policy.EXPLORE_EVERY != policy.EXPLORE_EVERY - 1 and exploiting == [true_best.nodes]
+    policy._rankings, policy._choice = policy.EXPLORE_EVERY - 1, {}  # a ranking that tries a runner-up
+    assert policy.choose(2, ragged=False).num_nodes != true_best.nodes
+    assert [row["nodes"] for row in policy.table([2])] == [true_best.nodes]  # the table shows the choice
