@@ -148,21 +148,32 @@ class CostModel:
         return "\n".join(lines)
 
 
+def _timed_call(measure: Callable, args: tuple) -> tuple[float | None, float]:
+    """(what one call of `measure` reports, or None; seconds it is charged: the larger of what it reports and
+    its wall time, so setup counts against the budget)."""
+    start = time.perf_counter()
+    s = measure(*args)
+    wall = time.perf_counter() - start
+    return (None, wall) if s is None else (float(s), max(float(s), wall))
+
+
 def _fastest_timed(measure: Callable, args: tuple, repeats: int) -> tuple[float | None, float]:
     """(fastest of `repeats` results after one warm-up or None if the measure returned None, seconds spent).
-    The fastest, not the median: other processes on the machine only ever add time to a measurement.
-    Each call is charged the larger of what it reports and its wall time (setup counts against the budget)."""
+    The fastest, not the median: other processes on the machine only ever add time to a measurement."""
     spent, results = 0.0, []
     for i in range(repeats + 1):
-        start = time.perf_counter()
-        s = measure(*args)
-        wall = time.perf_counter() - start
+        s, charged = _timed_call(measure, args)
+        spent += charged
         if s is None:
-            return None, spent + wall
-        spent += max(float(s), wall)
+            return None, spent
         if i:
-            results.append(float(s))
+            results.append(s)
     return min(results), spent
+
+
+def _work(point: tuple[int, int]) -> tuple[int, int]:
+    """The order calibration measures forwards in: rows x tokens, then tokens."""
+    return point[0] * point[1], point[1]
 
 
 def calibrate(
@@ -205,7 +216,7 @@ def calibrate(
         if s is not None:
             draft[r] = s
             spent += s
-    for r, t in sorted(((r, t) for r in rows for t in tokens), key=lambda p: (p[0] * p[1], p[1])):
+    for r, t in sorted(((r, t) for r in rows for t in tokens), key=_work):
         if forward and spent + CostModel(forward).forward_s(r, t) * calls > budget_s:
             continue
         forward[(r, t)], cost = _fastest_timed(measure_forward, (r, t), repeats)
@@ -215,18 +226,12 @@ def calibrate(
         if look and spent + sum(forward.values()) + sum(draft.values()) > budget_s:
             break
         backwards = look % 2 == 0
-        for point in sorted(forward, key=lambda p: (p[0] * p[1], p[1]), reverse=backwards):
-            start = time.perf_counter()
-            s = float(measure_forward(*point))
-            spent += max(s, time.perf_counter() - start)
-            forward[point] = min(forward[point], s)
-        for r in sorted(draft, reverse=backwards):
-            start = time.perf_counter()
-            again = measure_draft(r)
-            wall = time.perf_counter() - start
-            spent += wall if again is None else max(float(again), wall)
-            if again is not None:
-                draft[r] = min(draft[r], float(again))
+        for table, measure, order in ((forward, measure_forward, _work), (draft, measure_draft, None)):
+            for point in sorted(table, key=order, reverse=backwards):
+                s, charged = _timed_call(measure, point if isinstance(point, tuple) else (point,))
+                spent += charged
+                if s is not None:
+                    table[point] = min(table[point], s)
     return CostModel(forward, draft, overhead_s)
 
 

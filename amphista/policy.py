@@ -164,23 +164,26 @@ class TreePolicy:
         # plain decoding's, 0 until measured), not at that optimism: uncorrected, every untried size looked a
         # few percent faster than the tried ones, and `auto` kept moving to them (3-node and 32-node trees
         # among 6-12-node ones on two bundled rows, 6-10% slower than a fixed 8-node tree).
-        rates = []
+        rates, known = [], self._measured(bucket)
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree's own measurements, but never less slowed than the machine is now (see observe).
-            own = self._own(bucket, c.nodes) if c.nodes > 1 else None
+            own = self._own(bucket, c.nodes, known) if c.nodes > 1 else None
             correction = max((v for v in (own, plain) if v is not None), default=0.0)
             rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
         return rates
 
-    def _own(self, bucket: int, nodes: int) -> float:
-        """A tree size's log correction: its own moving average, or interpolated from its measured neighbours."""
+    def _measured(self, bucket: int) -> list[tuple[int, float]]:
+        """(nodes, log correction) of the sizes measured in `bucket`, ascending, plain decoding's first (0 until
+        measured): what an unmeasured size's correction is interpolated from."""
+        plain = self._log_ratio.get((bucket, 1))
+        known = [(1, 0.0 if plain is None else plain)]
+        return known + sorted((n, v) for (b, n), v in self._log_ratio.items() if b == bucket and n > 1)
+
+    def _own(self, bucket: int, nodes: int, known: list[tuple[int, float]] | None = None) -> float:
+        """A tree size's log correction: its own moving average, or interpolated from the measured sizes
+        (`known`, as _measured gives it)."""
         own = self._log_ratio.get((bucket, nodes))
-        if own is None:
-            plain = self._log_ratio.get((bucket, 1))
-            known = [(1, 0.0 if plain is None else plain)]
-            known += sorted((n, v) for (b, n), v in self._log_ratio.items() if b == bucket and n > 1)
-            own = _between(known, nodes)
-        return own
+        return own if own is not None else _between(self._measured(bucket) if known is None else known, nodes)
 
     def _best(self, rows: int, fresh: bool = False, ragged: bool = True) -> Candidate:
         switching = self._was_plain and not fresh

@@ -194,18 +194,17 @@ class TreeBuffers:
         chains = [[0]]  # node i's ancestors from the root down, itself last (paths are prefix-closed, in order)
         for i in range(1, n):
             chains.append(chains[parent[i]] + [i])
+        children: list[list[int]] = [[] for _ in range(n)]
+        for i in range(1, n):
+            children[parent[i]].append(i)
         mask = torch.zeros(n, n, dtype=torch.bool)
         mask[[i for i, c in enumerate(chains) for _ in c], [j for c in chains for j in c]] = True
         # One row per leaf: the node indices from the root down, padded by repeating the leaf.
         width = spec.depth + 1
-        has_child = set(parent[1:])
-        leaves = [chains[i] for i in range(1, n) if i not in has_child]
+        leaves = [chains[i] for i in range(1, n) if not children[i]]
         retrieve = torch.tensor([c + c[-1:] * (width - len(c)) for c in leaves], dtype=torch.long).view(-1, width)
         valid = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in leaves], dtype=torch.bool)
         valid = valid.view(-1, width)
-        children: list[list[int]] = [[] for _ in range(n)]
-        for i in range(1, n):
-            children[parent[i]].append(i)
         for c in children:  # try siblings best rank first
             c.sort(key=lambda i: paths[i - 1][-1])
 
