@@ -24,6 +24,7 @@ _EXPORTS = {
     "MedusaDrafter": "drafters",
     "load_drafter": "drafters",
     "AmphistaError": "errors",
+    "BatchingError": "errors",
     "CheckpointError": "errors",
     "DrafterMismatchError": "errors",
     "InputError": "errors",

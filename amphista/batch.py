@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
+from .errors import BatchingError, InputError
 from .generation import GenerateOutput, Request, sync
 from .kv_cache import RowsCache
 from .sampling import sample, target_probs
@@ -86,7 +86,7 @@ class BatchEngine:
         self.target = decoder.target
         self.drafter = getattr(decoder, "drafter", None)
         if self.drafter is not None and not getattr(self.drafter, "supports_rows", False):
-            raise InputError(
+            raise BatchingError(
                 f"{type(self.drafter).__name__} does not support batched decoding (it lacks reset_rows/draft_rows/"
                 "move_row, see amphista.drafters.base): decode one prompt at a time with generate()"
             )

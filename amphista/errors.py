@@ -9,6 +9,10 @@ class InputError(AmphistaError, ValueError):
     """A request the decoder cannot serve: empty prompt, prompt too long, bad settings."""
 
 
+class BatchingError(InputError):
+    """A target or drafter that batched decoding cannot serve; `generate` on one prompt at a time still can."""
+
+
 class TreeError(AmphistaError, ValueError):
     """An invalid token-tree specification."""
 

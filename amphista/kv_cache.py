@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import InputError
+from .errors import BatchingError
 
 
 class TreeKVLayer(DynamicLayer):
@@ -187,7 +187,7 @@ class RowsCache(Cache):
         if self.buf is None:
             _, h, _, d = key.shape
             if value.shape[-1] != d:
-                raise InputError(
+                raise BatchingError(
                     "batched decoding needs keys and values of one head size in every layer; this target's "
                     "differ: decode its sequences one at a time with generate()"
                 )

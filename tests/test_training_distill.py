@@ -7,6 +7,7 @@ import json
 import pytest
 from test_training_helpers import CHATML, tiny_target
 
+from amphista import VanillaDecoder
 from amphista.training import DistillConfig, distill, load_examples
 from amphista.training import distillation as distill_module
 
@@ -57,6 +58,7 @@ def test_distill_resumes_without_duplicates_or_losses(tmp_path, monkeypatch):
     cfg = DistillConfig(prompts=str(prompts), out=str(out), max_new_tokens=4, batch_size=3, temperature=0.0,
                         progress=False)  # fmt: skip
     target = tiny_target()
+    monkeypatch.setattr(distill_module, "CHUNK_BATCHES", 1)  # a write per batch of 3
     real, calls = distill_module._generate, []
 
     def flaky(*args, **kw):
@@ -107,3 +109,60 @@ def test_text_prompts_keep_their_line_numbers_whatever_the_newlines(tmp_path):
     prompts.write_bytes(b"one\r\n\r\ntwo\rthree\x0cstill three\n")
     got = [(p.id, p.turns) for p in distill_module.read_prompts(str(prompts))]
     assert got == [("1", ["one"]), ("3", ["two"]), ("4", ["three\x0cstill three"])]
+
+
+def test_greedy_answers_are_each_prompts_own_generate(tmp_path):
+    # Five prompts of different lengths through 2 rows at once: rows leave and others join mid-batch.
+    lines = ["Once", "The little dog ran to the", "Lily and Tom went", "A bird", "Sam saw a big red ball in the"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    cfg = DistillConfig(prompts=str(prompts), out=str(out), max_new_tokens=12, batch_size=2, temperature=0.0,
+                        progress=False)  # fmt: skip
+    target = tiny_target()
+    distill(cfg, target=target)
+    tok, decoder = target.tokenizer, VanillaDecoder(target)
+    texts = {r["id"]: r["text"] for r in _records(out)}
+    for n, line in enumerate(lines, 1):
+        ids = tok(line)["input_ids"]
+        new = decoder.generate(ids, max_new_tokens=12).new_tokens
+        new = new[: new.index(2)] if 2 in new else new  # cut at EOS
+        assert texts[f"{n}:0"] == tok.decode(ids + new, skip_special_tokens=True)
+
+
+def test_sampled_answers_follow_the_seed(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n" * 6)  # one prompt six times: only the seeds tell them apart
+
+    def run(name, seed):
+        cfg = DistillConfig(prompts=str(prompts), out=str(tmp_path / name), max_new_tokens=10, batch_size=2,
+                            temperature=1.0, seed=seed, progress=False)  # fmt: skip
+        distill(cfg, target=tiny_target())
+        return {r["id"]: r["text"] for r in _records(tmp_path / name)}
+
+    first, again, other = run("a.jsonl", 0), run("b.jsonl", 0), run("c.jsonl", 1)
+    assert first == again
+    assert len(set(first.values())) > 2  # rows are not seeded alike
+    assert sum(first[i] != other[i] for i in first) >= 3
+
+
+def test_a_target_the_batch_engine_cannot_hold_is_answered_one_prompt_at_a_time(tmp_path, monkeypatch):
+    from amphista.errors import BatchingError
+    from amphista.kv_cache import RowsCache
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\nThe little dog\nLily and Tom went\n")
+
+    def run(name):
+        cfg = DistillConfig(prompts=str(prompts), out=str(tmp_path / name), max_new_tokens=8, batch_size=2,
+                            temperature=0.8, seed=3, progress=False)  # fmt: skip
+        distill(cfg, target=tiny_target())
+        return {r["id"]: r["text"] for r in _records(tmp_path / name)}
+
+    batched = run("batched.jsonl")
+
+    def refuse(*args, **kwargs):
+        raise BatchingError("batched decoding needs keys and values of one head size")
+
+    monkeypatch.setattr(RowsCache, "write", refuse)
+    assert run("single.jsonl") == batched  # each answer with the seed its row had in the batch

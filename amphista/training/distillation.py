@@ -18,9 +18,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import BatchingError, InputError
 from ..target import TargetModel
+from ..vanilla import VanillaDecoder
 from .data import _message, chat_template, check_output, read_records, read_text
+
+CHUNK_BATCHES = 4  # prompts per write, in batch sizes: finished rows are replaced until the chunk runs dry
+TURN_SEEDS = 1 << 40  # sampling seeds of a chunk's later turns start this far from the first turn's
 
 
 @dataclass
@@ -112,27 +116,24 @@ def finished_ids(path: str) -> set[str]:
     return ids
 
 
-def _generate(target, tokenizer, texts: list[str], cfg: DistillConfig, special: bool) -> list[tuple[list, list]]:
-    """Left-padded batched generation -> (prompt ids, new ids without EOS/padding) per text."""
-    eos = target.eos_token_ids()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+def _generate(decoder, tokenizer, texts: list[str], cfg: DistillConfig, special: bool, seed: int):
+    """(prompt ids, new ids up to the first EOS) per text. The project's batch engine decodes them, at most
+    cfg.batch_size rows at once, each row with its own cache length (no padding) and a waiting text taking
+    the place of a finished one: greedy answers are those of `generate` on each text alone, and no row waits
+    for the longest one, as in transformers' padded `generate` (docs/training.md has the times). Sampled row i
+    is seeded with seed + i."""
+    eos = set(decoder.target.eos_token_ids())
     prompts = [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
-    L = max(len(p) for p in prompts)
-    budget = cfg.max_new_tokens if target.max_context is None else min(cfg.max_new_tokens, target.max_context - L)
-    if budget < 1:
-        raise InputError(f"a prompt of {L} tokens leaves no room in the target's context: shorten the prompts")
-    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=target.device)  # (B, L)
-    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=target.device)
-    sample = cfg.temperature > 0
-    out = target.model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=sample, pad_token_id=pad,
-        eos_token_id=eos or None, temperature=cfg.temperature if sample else None,
-        top_p=cfg.top_p if sample else None, top_k=None,
-    )  # fmt: skip
+    options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    try:
+        outputs = decoder.generate_batch(prompts, max_batch_size=cfg.batch_size, seed=seed, **options)
+    except BatchingError:  # a target the batch engine cannot hold: the same answers, one prompt at a time
+        outputs = [decoder.generate(p, seed=seed + i, **options) for i, p in enumerate(prompts)]
     results = []
-    for p, row in zip(prompts, out[:, L:].tolist()):
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        results.append((p, row[:cut]))
+    for p, out in zip(prompts, outputs):
+        new = out.new_tokens
+        cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+        results.append((p, new[:cut]))
     return results
 
 
@@ -167,15 +168,19 @@ def distill(cfg: DistillConfig, target=None) -> dict:
     jobs = [(f"{p.id}:{s}", p) for p in prompts for s in range(cfg.num_samples)]
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     done = finished_ids(cfg.out)
-    todo = sorted((j for j in jobs if j[0] not in done), key=lambda j: len(j[1].turns[0]))  # little padding
+    todo = sorted((j for j in jobs if j[0] not in done), key=lambda j: len(j[1].turns[0]))  # a chunk of alike lengths
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not cfg.progress, desc="distill", unit="rec")
     template = chat_template(tok)
+    decoder = VanillaDecoder(target)
+    # Prompts decoded together, cfg.batch_size rows at a time: enough to keep every row busy to the end.
+    chunk = cfg.batch_size * CHUNK_BATCHES
     with open(cfg.out, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            torch.manual_seed(cfg.seed * 1_000_003 + len(done) + start)
+        for start in range(0, len(todo), chunk):
+            batch = todo[start : start + chunk]
+            # Row i of a chunk's turn t samples with seed + i: distinct across the run's chunks and turns.
+            seed = (cfg.seed * 1_000_003 + len(done) + start) % 2**62  # + turns and rows: a valid seed
             if mode == "completion":
-                gens = _generate(target, tok, [p.turns[0] for _, p in batch], cfg, special=True)
+                gens = _generate(decoder, tok, [p.turns[0] for _, p in batch], cfg, True, seed)
                 records = [{"id": i, "text": tok.decode(a + b, skip_special_tokens=True)} for (i, _), (a, b) in zip(batch, gens)]
             else:
                 convs = [[{"role": "system", "content": cfg.system or p.system}] if (cfg.system or p.system) else [] for _, p in batch]
@@ -187,14 +192,15 @@ def distill(cfg: DistillConfig, target=None) -> dict:
                         tok.apply_chat_template(convs[b], chat_template=template, tokenize=False, add_generation_prompt=True)
                         for b in live
                     ]
-                    for b, (_, new) in zip(live, _generate(target, tok, texts, cfg, special=False)):
+                    answers = _generate(decoder, tok, texts, cfg, False, seed + turn * TURN_SEEDS)
+                    for b, (_, new) in zip(live, answers):
                         convs[b].append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})
                 share = {"system": "system", "user": "human", "assistant": "gpt"}
                 records = [
                     {"id": i, "conversations": [{"from": share[m["role"]], "value": m["content"]} for m in conv]}
                     for (i, _), conv in zip(batch, convs)
                 ]
-            # One write per batch, flushed to disk: an interruption loses at most this batch's tail line.
+            # One write per chunk, flushed to disk: an interruption loses at most this chunk's tail line.
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
