@@ -75,7 +75,7 @@ def test_distill_resumes_without_duplicates_or_losses(tmp_path, monkeypatch):
         f.write('{"id": "9:0", "text": "cut in the mi')  # a write torn by the kill
     monkeypatch.setattr(distill_module, "_generate", real)
     stats = distill(cfg, target=target)
-    assert stats == {"total": 10, "written": 4, "already_done": 6, "mode": "completion"}
+    assert stats == {"total": 10, "written": 4, "already_done": 6, "too_long": 0, "mode": "completion"}
     ids = [r["id"] for r in _records(out)]  # every line parses: the torn one is gone
     assert sorted(ids) == sorted(f"{i}:0" for i in range(1, 11)) and len(ids) == len(set(ids))
     again = distill(cfg, target=target)  # a finished run is a no-op
@@ -166,3 +166,21 @@ def test_a_target_the_batch_engine_cannot_hold_is_answered_one_prompt_at_a_time(
 
     monkeypatch.setattr(RowsCache, "write", refuse)
     assert run("single.jsonl") == batched  # each answer with the seed its row had in the batch
+
+
+def test_prompts_that_fill_the_context_window_are_skipped_and_named(tmp_path, capsys):
+    target = tiny_target()  # a context window of 512 tokens
+    target.tokenizer.chat_template = CHATML
+    long = "the dog ran " * 200
+    rows = [{"turns": ["Hi.", "Tell a story."]}, {"turns": [long]}, {"turns": ["Hello.", long]}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    cfg = DistillConfig(prompts=str(prompts), out=str(out), max_new_tokens=4, temperature=0.0, progress=False)
+    stats = distill(cfg, target=target)
+    assert stats["written"] == 2 and stats["too_long"] == 1
+    assert "skipped 1 prompts that fill the target's context window of 512 tokens" in capsys.readouterr().out
+    records = {r["id"]: r["conversations"] for r in _records(out)}
+    assert set(records) == {"1:0", "3:0"}  # prompt 2 is skipped
+    assert [t["from"] for t in records["1:0"]] == ["human", "gpt", "human", "gpt"]
+    assert [t["value"] for t in records["3:0"]][:1] == ["Hello."] and len(records["3:0"]) == 2  # ends before the long turn

@@ -117,23 +117,27 @@ def finished_ids(path: str) -> set[str]:
 
 
 def _generate(decoder, tokenizer, texts: list[str], cfg: DistillConfig, special: bool, seed: int):
-    """(prompt ids, new ids up to the first EOS) per text. The project's batch engine decodes them, at most
-    cfg.batch_size rows at once, each row with its own cache length (no padding) and a waiting text taking
-    the place of a finished one: greedy answers are those of `generate` on each text alone, and no row waits
-    for the longest one, as in transformers' padded `generate` (docs/training.md has the times). Sampled row i
-    is seeded with seed + i."""
+    """(prompt ids, new ids up to the first EOS) per text, None for a text that fills the target's context
+    window. The project's batch engine decodes them, at most cfg.batch_size rows at once, each row with its
+    own cache length (no padding) and a waiting text taking the place of a finished one: greedy answers are
+    those of `generate` on each text alone, and no row waits for the longest one, as in transformers' padded
+    `generate` (docs/training.md has the times). Sampled text i is seeded with seed + i."""
     eos = set(decoder.target.eos_token_ids())
+    limit = decoder.target.max_context
     prompts = [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+    fits = [i for i, p in enumerate(prompts) if limit is None or len(p) < limit]
     options = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    results: list[tuple[list, list] | None] = [None] * len(prompts)
+    if not fits:
+        return results
     try:
-        outputs = decoder.generate_batch(prompts, max_batch_size=cfg.batch_size, seed=seed, **options)
+        outputs = decoder.generate_batch([prompts[i] for i in fits], max_batch_size=cfg.batch_size, seed=seed, **options)
     except BatchingError:  # a target the batch engine cannot hold: the same answers, one prompt at a time
-        outputs = [decoder.generate(p, seed=seed + i, **options) for i, p in enumerate(prompts)]
-    results = []
-    for p, out in zip(prompts, outputs):
+        outputs = [decoder.generate(prompts[i], seed=seed + n, **options) for n, i in enumerate(fits)]
+    for i, out in zip(fits, outputs):
         new = out.new_tokens
-        cut = next((i for i, t in enumerate(new) if t in eos), len(new))
-        results.append((p, new[:cut]))
+        cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+        results[i] = (prompts[i], new[:cut])
     return results
 
 
@@ -172,6 +176,7 @@ def distill(cfg: DistillConfig, target=None) -> dict:
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not cfg.progress, desc="distill", unit="rec")
     template = chat_template(tok)
     decoder = VanillaDecoder(target)
+    too_long: list[str] = []  # prompts whose first turn fills the target's context window
     # Prompts decoded together, cfg.batch_size rows at a time: enough to keep every row busy to the end.
     chunk = cfg.batch_size * CHUNK_BATCHES
     with open(cfg.out, "a", encoding="utf-8") as f:
@@ -181,29 +186,51 @@ def distill(cfg: DistillConfig, target=None) -> dict:
             seed = (cfg.seed * 1_000_003 + len(done) + start) % 2**62  # + turns and rows: a valid seed
             if mode == "completion":
                 gens = _generate(decoder, tok, [p.turns[0] for _, p in batch], cfg, True, seed)
-                records = [{"id": i, "text": tok.decode(a + b, skip_special_tokens=True)} for (i, _), (a, b) in zip(batch, gens)]
+                records = [
+                    {"id": i, "text": tok.decode(g[0] + g[1], skip_special_tokens=True)}
+                    for (i, _), g in zip(batch, gens)
+                    if g is not None
+                ]
             else:
                 convs = [[{"role": "system", "content": cfg.system or p.system}] if (cfg.system or p.system) else [] for _, p in batch]
+                ended = [False] * len(batch)  # a turn that filled the context window ends its conversation
                 for turn in range(max(len(p.turns) for _, p in batch)):
-                    live = [b for b, (_, p) in enumerate(batch) if turn < len(p.turns)]
-                    for b in live:
-                        convs[b].append({"role": "user", "content": batch[b][1].turns[turn]})
+                    live = [b for b, (_, p) in enumerate(batch) if turn < len(p.turns) and not ended[b]]
                     texts = [
-                        tok.apply_chat_template(convs[b], chat_template=template, tokenize=False, add_generation_prompt=True)
+                        tok.apply_chat_template(
+                            convs[b] + [{"role": "user", "content": batch[b][1].turns[turn]}], chat_template=template,
+                            tokenize=False, add_generation_prompt=True,
+                        )
                         for b in live
-                    ]
+                    ]  # fmt: skip
                     answers = _generate(decoder, tok, texts, cfg, False, seed + turn * TURN_SEEDS)
-                    for b, (_, new) in zip(live, answers):
-                        convs[b].append({"role": "assistant", "content": tok.decode(new, skip_special_tokens=True).strip()})
+                    for b, answer in zip(live, answers):
+                        if answer is None:
+                            ended[b] = True
+                            continue
+                        convs[b].append({"role": "user", "content": batch[b][1].turns[turn]})
+                        convs[b].append({"role": "assistant", "content": tok.decode(answer[1], skip_special_tokens=True).strip()})
                 share = {"system": "system", "user": "human", "assistant": "gpt"}
                 records = [
                     {"id": i, "conversations": [{"from": share[m["role"]], "value": m["content"]} for m in conv]}
                     for (i, _), conv in zip(batch, convs)
+                    if any(m["role"] == "assistant" for m in conv)
                 ]
+            written = {r["id"] for r in records}
+            too_long += [i for i, _ in batch if i not in written]
             # One write per chunk, flushed to disk: an interruption loses at most this chunk's tail line.
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
     bar.close()
-    return {"total": len(jobs), "written": len(todo), "already_done": len(jobs) - len(todo), "mode": mode}
+    if too_long:
+        print(
+            f"skipped {len(too_long)} prompts that fill the target's context window of {target.max_context} tokens "
+            f"(shorten them or use a target with a longer context): ids {', '.join(too_long[:10])}"
+            + (" ..." if len(too_long) > 10 else "")
+        )
+    return {
+        "total": len(jobs), "written": len(todo) - len(too_long), "already_done": len(jobs) - len(todo),
+        "too_long": len(too_long), "mode": mode,
+    }  # fmt: skip
