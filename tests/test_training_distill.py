@@ -183,4 +183,5 @@ def test_prompts_that_fill_the_context_window_are_skipped_and_named(tmp_path, ca
     records = {r["id"]: r["conversations"] for r in _records(out)}
     assert set(records) == {"1:0", "3:0"}  # prompt 2 is skipped
     assert [t["from"] for t in records["1:0"]] == ["human", "gpt", "human", "gpt"]
-    assert [t["value"] for t in records["3:0"]][:1] == ["Hello."] and len(records["3:0"]) == 2  # ends before the long turn
+    assert [t["value"] for t in records["3:0"]][:1] == ["Hello."]
+    assert len(records["3:0"]) == 2  # the conversation ends before its long turn

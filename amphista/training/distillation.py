@@ -131,7 +131,8 @@ def _generate(decoder, tokenizer, texts: list[str], cfg: DistillConfig, special:
     if not fits:
         return results
     try:
-        outputs = decoder.generate_batch([prompts[i] for i in fits], max_batch_size=cfg.batch_size, seed=seed, **options)
+        batch = [prompts[i] for i in fits]
+        outputs = decoder.generate_batch(batch, max_batch_size=cfg.batch_size, seed=seed, **options)
     except BatchingError:  # a target the batch engine cannot hold: the same answers, one prompt at a time
         outputs = [decoder.generate(prompts[i], seed=seed + n, **options) for n, i in enumerate(fits)]
     for i, out in zip(fits, outputs):
@@ -139,6 +140,33 @@ def _generate(decoder, tokenizer, texts: list[str], cfg: DistillConfig, special:
         cut = next((k for k, t in enumerate(new) if t in eos), len(new))
         results[i] = (prompts[i], new[:cut])
     return results
+
+
+def _chat_records(decoder, tok, template, batch, cfg: DistillConfig, seed: int) -> list[dict]:
+    """Chat mode: each prompt's user turns answered one after another. A conversation ends before a turn that
+    fills the target's context window; one that ends before its first answer gives no record."""
+    system = [cfg.system or p.system for _, p in batch]
+    convs = [[{"role": "system", "content": text}] if text else [] for text in system]
+    ended = [False] * len(batch)
+    for turn in range(max(len(p.turns) for _, p in batch)):
+        live = [b for b, (_, p) in enumerate(batch) if turn < len(p.turns) and not ended[b]]
+        asks = {b: convs[b] + [{"role": "user", "content": batch[b][1].turns[turn]}] for b in live}
+        texts = [
+            tok.apply_chat_template(asks[b], chat_template=template, tokenize=False, add_generation_prompt=True)
+            for b in live
+        ]
+        for b, answer in zip(live, _generate(decoder, tok, texts, cfg, False, seed + turn * TURN_SEEDS)):
+            if answer is None:
+                ended[b] = True
+                continue
+            reply = tok.decode(answer[1], skip_special_tokens=True).strip()
+            convs[b] = asks[b] + [{"role": "assistant", "content": reply}]
+    share = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [
+        {"id": i, "conversations": [{"from": share[m["role"]], "value": m["content"]} for m in conv]}
+        for (i, _), conv in zip(batch, convs)
+        if any(m["role"] == "assistant" for m in conv)
+    ]
 
 
 def check_settings(cfg: DistillConfig) -> None:
@@ -172,7 +200,8 @@ def distill(cfg: DistillConfig, target=None) -> dict:
     jobs = [(f"{p.id}:{s}", p) for p in prompts for s in range(cfg.num_samples)]
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     done = finished_ids(cfg.out)
-    todo = sorted((j for j in jobs if j[0] not in done), key=lambda j: len(j[1].turns[0]))  # a chunk of alike lengths
+    # Sorted by length: a chunk's cache is sized by its longest prompt.
+    todo = sorted((j for j in jobs if j[0] not in done), key=lambda j: len(j[1].turns[0]))
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not cfg.progress, desc="distill", unit="rec")
     template = chat_template(tok)
     decoder = VanillaDecoder(target)
@@ -192,30 +221,7 @@ def distill(cfg: DistillConfig, target=None) -> dict:
                     if g is not None
                 ]
             else:
-                convs = [[{"role": "system", "content": cfg.system or p.system}] if (cfg.system or p.system) else [] for _, p in batch]
-                ended = [False] * len(batch)  # a turn that filled the context window ends its conversation
-                for turn in range(max(len(p.turns) for _, p in batch)):
-                    live = [b for b, (_, p) in enumerate(batch) if turn < len(p.turns) and not ended[b]]
-                    texts = [
-                        tok.apply_chat_template(
-                            convs[b] + [{"role": "user", "content": batch[b][1].turns[turn]}], chat_template=template,
-                            tokenize=False, add_generation_prompt=True,
-                        )
-                        for b in live
-                    ]  # fmt: skip
-                    answers = _generate(decoder, tok, texts, cfg, False, seed + turn * TURN_SEEDS)
-                    for b, answer in zip(live, answers):
-                        if answer is None:
-                            ended[b] = True
-                            continue
-                        convs[b].append({"role": "user", "content": batch[b][1].turns[turn]})
-                        convs[b].append({"role": "assistant", "content": tok.decode(answer[1], skip_special_tokens=True).strip()})
-                share = {"system": "system", "user": "human", "assistant": "gpt"}
-                records = [
-                    {"id": i, "conversations": [{"from": share[m["role"]], "value": m["content"]} for m in conv]}
-                    for (i, _), conv in zip(batch, convs)
-                    if any(m["role"] == "assistant" for m in conv)
-                ]
+                records = _chat_records(decoder, tok, template, batch, cfg, seed)
             written = {r["id"] for r in records}
             too_long += [i for i, _ in batch if i not in written]
             # One write per chunk, flushed to disk: an interruption loses at most this chunk's tail line.
@@ -226,8 +232,8 @@ def distill(cfg: DistillConfig, target=None) -> dict:
     bar.close()
     if too_long:
         print(
-            f"skipped {len(too_long)} prompts that fill the target's context window of {target.max_context} tokens "
-            f"(shorten them or use a target with a longer context): ids {', '.join(too_long[:10])}"
+            f"skipped {len(too_long)} prompts that fill the target's context window of {target.max_context} "
+            f"tokens (shorten them or use a target with a longer context): ids {', '.join(too_long[:10])}"
             + (" ..." if len(too_long) > 10 else "")
         )
     return {
