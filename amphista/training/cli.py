@@ -178,8 +178,10 @@ def run_distill(args: argparse.Namespace) -> int:
         seed=args.seed, progress=not args.no_progress,
     )  # fmt: skip
     stats = distill(cfg)
+    rate = stats["new_tokens"] / max(stats["seconds"], 1e-9)
     print(
-        f"{stats['written']} records written to {args.out} ({stats['already_done']} were already there, {stats['mode']} mode)"
+        f"{stats['written']} records written to {args.out} ({stats['already_done']} were already there, "
+        f"{stats['mode']} mode): {stats['new_tokens']} new tokens in {stats['seconds']:.1f} s ({rate:.0f} tokens/s)"
     )
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -142,12 +143,14 @@ def _generate(decoder, tokenizer, texts: list[str], cfg: DistillConfig, special:
     return results
 
 
-def _chat_records(decoder, tok, template, batch, cfg: DistillConfig, seed: int) -> list[dict]:
-    """Chat mode: each prompt's user turns answered one after another. A conversation ends before a turn that
-    fills the target's context window; one that ends before its first answer gives no record."""
+def _chat_records(decoder, tok, template, batch, cfg: DistillConfig, seed: int) -> tuple[list[dict], int]:
+    """Chat mode: each prompt's user turns answered one after another -> (records, new tokens). A conversation
+    ends before a turn that fills the target's context window; one that ends before its first answer gives no
+    record."""
     system = [cfg.system or p.system for _, p in batch]
     convs = [[{"role": "system", "content": text}] if text else [] for text in system]
     ended = [False] * len(batch)
+    new_tokens = 0
     for turn in range(max(len(p.turns) for _, p in batch)):
         live = [b for b, (_, p) in enumerate(batch) if turn < len(p.turns) and not ended[b]]
         asks = {b: convs[b] + [{"role": "user", "content": batch[b][1].turns[turn]}] for b in live}
@@ -159,14 +162,16 @@ def _chat_records(decoder, tok, template, batch, cfg: DistillConfig, seed: int) 
             if answer is None:
                 ended[b] = True
                 continue
+            new_tokens += len(answer[1])
             reply = tok.decode(answer[1], skip_special_tokens=True).strip()
             convs[b] = asks[b] + [{"role": "assistant", "content": reply}]
     share = {"system": "system", "user": "human", "assistant": "gpt"}
-    return [
+    records = [
         {"id": i, "conversations": [{"from": share[m["role"]], "value": m["content"]} for m in conv]}
         for (i, _), conv in zip(batch, convs)
         if any(m["role"] == "assistant" for m in conv)
     ]
+    return records, new_tokens
 
 
 def check_settings(cfg: DistillConfig) -> None:
@@ -206,6 +211,7 @@ def distill(cfg: DistillConfig, target=None) -> dict:
     template = chat_template(tok)
     decoder = VanillaDecoder(target)
     too_long: list[str] = []  # prompts whose first turn fills the target's context window
+    new_tokens, t0 = 0, time.perf_counter()
     # Prompts decoded together, cfg.batch_size rows at a time: enough to keep every row busy to the end.
     chunk = cfg.batch_size * CHUNK_BATCHES
     with open(cfg.out, "a", encoding="utf-8") as f:
@@ -220,8 +226,10 @@ def distill(cfg: DistillConfig, target=None) -> dict:
                     for (i, _), g in zip(batch, gens)
                     if g is not None
                 ]
+                new_tokens += sum(len(g[1]) for g in gens if g is not None)
             else:
-                records = _chat_records(decoder, tok, template, batch, cfg, seed)
+                records, tokens = _chat_records(decoder, tok, template, batch, cfg, seed)
+                new_tokens += tokens
             written = {r["id"] for r in records}
             too_long += [i for i, _ in batch if i not in written]
             # One write per chunk, flushed to disk: an interruption loses at most this chunk's tail line.
@@ -238,5 +246,5 @@ def distill(cfg: DistillConfig, target=None) -> dict:
         )
     return {
         "total": len(jobs), "written": len(todo) - len(too_long), "already_done": len(jobs) - len(todo),
-        "too_long": len(too_long), "mode": mode,
+        "too_long": len(too_long), "mode": mode, "new_tokens": new_tokens, "seconds": time.perf_counter() - t0,
     }  # fmt: skip
