@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target", default=None, help=TARGET_HELP)
     p.add_argument("--prompts", required=True, help=".txt (one per line), or JSONL/JSON prompt records")
     p.add_argument("--out", required=True, help="output JSONL file (appended to; resumable)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="answers decoded at once, one row each of every forward")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="answers decoded at once")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="answer length limit per turn")
     p.add_argument("--temperature", type=float_range(0.0), default=0.7, help="0 for greedy")
     p.add_argument(

@@ -122,7 +122,7 @@ def _generate(decoder, tokenizer, texts: list[str], cfg: DistillConfig, special:
     window. The project's batch engine decodes them, at most cfg.batch_size rows at once, each row with its
     own cache length (no padding) and a waiting text taking the place of a finished one: greedy answers are
     those of `generate` on each text alone, and no row waits for the longest one, as in transformers' padded
-    `generate` (docs/training.md has the times). Sampled text i is seeded with seed + i."""
+    `generate` (docs/training.md has the times). The n-th text that fits samples with seed + n."""
     eos = set(decoder.target.eos_token_ids())
     limit = decoder.target.max_context
     prompts = [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
