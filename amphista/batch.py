@@ -106,7 +106,10 @@ class BatchEngine:
         # rather than split into every row (that per-row split cost ~1% of a 16-row plain step of the bundled
         # model), and never more than CATCH_UP of them however long a batch decodes plainly.
         self._plain_history: deque[tuple[torch.Tensor, tuple[_Row, ...]]] = deque(maxlen=self.CATCH_UP)
-        self.window, self.layer_types = attention_layout(self.target.text_config)
+        try:
+            self.window, self.layer_types = attention_layout(self.target.text_config)
+        except InputError as e:  # a batch masks every step, its plain ones too
+            raise BatchingError(f"{e}; decode its prompts one at a time with generate()") from None
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -234,11 +234,29 @@ def test_a_drafter_without_row_support_is_refused_clearly(bundled):
         supports_rows = False
 
     decoder = amphista.SpeculativeDecoder(target, Single(target.vocab_size, target.hidden_size), tree="chain")
-    with pytest.raises(InputError, match="does not support batched decoding"):
+    with pytest.raises(amphista.BatchingError, match="does not support batched decoding"):
         decoder.generate_batch([[1, 2], [1, 3]])
     # One prompt takes the single-sequence loop, which needs no row support.
     [out] = decoder.generate_batch([[1, 2]], max_new_tokens=6, eos_token_id=[])
     assert out.sequences.tolist() == decoder.generate([1, 2], max_new_tokens=6, eos_token_id=[]).sequences.tolist()
+
+
+def test_a_target_whose_attention_a_batch_cannot_mask_is_refused_and_generate_still_serves_it(bundled):
+    target, _ = bundled
+    plain = amphista.VanillaDecoder(target)
+    expected = plain.generate([1, 2], max_new_tokens=5, eos_token_id=[]).sequences.tolist()
+    config = target.text_config
+    had, before = hasattr(config, "layer_types"), getattr(config, "layer_types", None)
+    config.layer_types = ["chunked_attention"] * config.num_hidden_layers  # no mask for it here
+    try:
+        with pytest.raises(amphista.BatchingError, match=r"\['chunked_attention'\].*one at a time with generate"):
+            plain.generate_batch([[1, 2], [1, 3]])
+        assert plain.generate([1, 2], max_new_tokens=5, eos_token_id=[]).sequences.tolist() == expected
+    finally:
+        if had:
+            config.layer_types = before
+        else:
+            del config.layer_types
 
 
 # --- tree="auto" --------------------------------------------------------------------------------------------
