@@ -137,6 +137,27 @@ def test_chat_is_multi_turn_with_the_plain_template(target, monkeypatch, capsys)
     assert capsys.readouterr().out == "".join(f"Assistant: {r}\n" for r in (first, second, fresh))
 
 
+def test_chat_with_a_prompt_answers_that_one_message(target, monkeypatch, capsys):
+    message = "Hello!\nTell me a story."  # one message, its newline included
+    ids = chat_prompt(target.tokenizer, [{"role": "user", "content": message}]).ids
+    want = _vanilla_text(target, ids, 12, [PLAIN_STOP]).lstrip().split(PLAIN_STOP)[0]
+    _stdin(monkeypatch, b"never read\n")
+    assert main(["generate", "--chat", "--prompt", message, "--drafter", "none", "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want + "\n" and "chat template" not in err
+
+
+def test_a_completion_on_a_chat_model_says_how_to_get_an_answer(monkeypatch, capsys):
+    from amphista.serve import terminal
+
+    assert main(["generate", "--prompt", PROMPT, "--drafter", "none", "--max-new-tokens", "4"]) == 0
+    assert "add --chat" not in capsys.readouterr().err  # the bundled model has no chat template
+    monkeypatch.setattr(terminal, "has_chat_template", lambda tokenizer: True)
+    assert main(["generate", "--prompt", PROMPT, "--drafter", "none", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(PROMPT) and "this model has a chat template" in err and "add --chat" in err
+
+
 def test_generate_errors_name_the_fix(capsys):
     with pytest.raises(SystemExit) as exit:  # argparse checks the value while parsing
         main(["generate", "--prompt", "x", "--max-new-tokens", "0"])

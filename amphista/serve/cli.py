@@ -28,7 +28,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--drafter",
         metavar="DIR",
         help="drafter folder, 'amphista' / 'medusa' (bundled), or 'none' for vanilla decoding "
-        "(default: the bundled Amphista drafter with the bundled model, else none)",
+        "(default: the Amphista drafter shipped for the target -- the bundled model, smollm2-135m-instruct -- "
+        "else none)",
     )
     p.add_argument(
         "--tree",
@@ -66,18 +67,20 @@ def add_parser(subparsers) -> None:
     g = subparsers.add_parser(
         "generate",
         help="generate text in the terminal, streamed as tokens commit",
-        description="Complete a prompt (--prompt, or stdin) or chat interactively (--chat). A prompt read "
-        "from stdin loses one trailing newline (the one `echo` adds); text must be UTF-8.",
+        description="Complete a prompt (--prompt, or stdin), chat (--chat: a message per line, from the "
+        "terminal or stdin), or answer one message (--chat --prompt TEXT). A prompt read from stdin loses one "
+        "trailing newline (the one `echo` adds); text must be UTF-8.",
         formatter_class=HelpFormatter,
     )
     _model_args(g)
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text to continue (default: read from stdin)")
-    src.add_argument(
+    g.add_argument(
+        "--prompt", help="text to continue (default: read from stdin); with --chat, the one message to answer"
+    )
+    g.add_argument(
         "--chat",
         action="store_true",
-        help="interactive multi-turn chat using the chat template; a conversation that outgrows the "
-        "context window continues as a new one (said on stderr)",
+        help="multi-turn chat using the chat template, a message per line; a conversation that outgrows the "
+        "context window continues as a new one (said on stderr). With --prompt: answer that message, then exit",
     )
     g.add_argument("--system", help="system prompt; only with --chat (a plain completion has none)")
     g.add_argument("--temperature", type=float_range(0.0), default=0.0, help="0 = greedy; sampling above 0")

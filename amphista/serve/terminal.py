@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .chat import chat_prompt, encode
+from .chat import chat_prompt, encode, has_chat_template
 from .textstream import TextStream
 
 if TYPE_CHECKING:  # torch stays unloaded until a model is: input is checked first, in a fraction of a second
@@ -125,6 +125,12 @@ def sampling_kwargs(args) -> dict:
 def complete(decoder: Decoder, args, prompt_text: str | None = None) -> int:
     if prompt_text is None:
         prompt_text = args.prompt if args.prompt is not None else read_stdin_prompt()
+    if has_chat_template(decoder.tokenizer):
+        print(
+            "amphista: this model has a chat template, and a plain completion continues the text as written: "
+            "add --chat for its answer to a message",
+            file=sys.stderr,
+        )
     prompt = encode(decoder.tokenizer, prompt_text)
     echoed = False
 
@@ -217,13 +223,16 @@ def _too_long(tokens: int, window: int, has_system: bool) -> InputError:
 
 
 def chat(decoder: Decoder, args) -> int:
-    """A multi-turn session on stdin/stdout. /reset forgets the conversation, /exit (or EOF) ends it.
+    """A multi-turn session on stdin/stdout. /reset forgets the conversation, /exit (or EOF) ends it. With
+    --prompt, the answer to that one message (see _answer_one).
 
     A conversation that outgrows the context window starts over with the system prompt and the last turn
     (said on stderr). In a terminal a message that cannot fit at all is refused and the chat goes on; from a
     pipe or file it ends the chat with an error.
     """
     base = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        return _answer_one(decoder, args, base)
     messages = list(base)
     interactive = sys.stdin.isatty()
     lines = _Lines(interactive)
@@ -255,18 +264,28 @@ def chat(decoder: Decoder, args) -> int:
             )
         sys.stdout.write("Assistant: ")
         sys.stdout.flush()
-        reply = run_stream(
-            decoder,
-            rendered.ids,
-            list(args.stop or []) + rendered.stop,
-            _writer(args.stream),
-            lstrip=True,
-            **sampling_kwargs(args),
-        )
-        if not args.stream:
-            sys.stdout.write(reply.text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        if args.stats:
-            print(reply.stats(), file=sys.stderr)
+        reply = _say(decoder, args, rendered)
         messages.append({"role": "assistant", "content": reply.text})
+
+
+def _answer_one(decoder: Decoder, args, base: list[dict]) -> int:
+    """--chat --prompt TEXT: the model's answer to TEXT, one user message (newlines and all), printed alone."""
+    _, rendered, _ = fit_turn(decoder, base, [], args.prompt, args.max_new_tokens)
+    _say(decoder, args, rendered)
+    return 0
+
+
+def _say(decoder: Decoder, args, rendered):
+    """The assistant's reply to a rendered chat prompt, written to stdout (streamed or whole) with its newline,
+    and its stats to stderr with --stats."""
+    reply = run_stream(
+        decoder, rendered.ids, list(args.stop or []) + rendered.stop, _writer(args.stream), lstrip=True,
+        **sampling_kwargs(args),
+    )  # fmt: skip
+    if not args.stream:
+        sys.stdout.write(reply.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        print(reply.stats(), file=sys.stderr)
+    return reply
