@@ -142,9 +142,13 @@ def test_chat_with_a_prompt_answers_that_one_message(target, monkeypatch, capsys
     ids = chat_prompt(target.tokenizer, [{"role": "user", "content": message}]).ids
     want = _vanilla_text(target, ids, 12, [PLAIN_STOP]).lstrip().split(PLAIN_STOP)[0]
     _stdin(monkeypatch, b"never read\n")
-    assert main(["generate", "--chat", "--prompt", message, "--drafter", "none", "--max-new-tokens", "12"]) == 0
+    args = ["generate", "--chat", "--prompt", message, "--drafter", "none", "--max-new-tokens", "12"]
+    assert main(args) == 0
     out, err = capsys.readouterr()
     assert out == want + "\n" and "chat template" not in err
+    assert main(["generate", "--chat", "--prompt", "  ", "--drafter", "none"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--prompt is empty: with --chat it is the message to answer" in err
 
 
 def test_a_completion_on_a_chat_model_says_how_to_get_an_answer(monkeypatch, capsys):

@@ -28,8 +28,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--drafter",
         metavar="DIR",
         help="drafter folder, 'amphista' / 'medusa' (bundled), or 'none' for vanilla decoding "
-        "(default: the Amphista drafter shipped for the target -- the bundled model, smollm2-135m-instruct -- "
-        "else none)",
+        "(default: the Amphista drafter shipped for the target -- the bundled model, "
+        "smollm2-135m-instruct -- else none)",
     )
     p.add_argument(
         "--tree",
@@ -68,8 +68,8 @@ def add_parser(subparsers) -> None:
         "generate",
         help="generate text in the terminal, streamed as tokens commit",
         description="Complete a prompt (--prompt, or stdin), chat (--chat: a message per line, from the "
-        "terminal or stdin), or answer one message (--chat --prompt TEXT). A prompt read from stdin loses one "
-        "trailing newline (the one `echo` adds); text must be UTF-8.",
+        "terminal or stdin), or answer one message (--chat --prompt TEXT). A prompt read from stdin loses "
+        "one trailing newline (the one `echo` adds); text must be UTF-8.",
         formatter_class=HelpFormatter,
     )
     _model_args(g)
@@ -79,8 +79,9 @@ def add_parser(subparsers) -> None:
     g.add_argument(
         "--chat",
         action="store_true",
-        help="multi-turn chat using the chat template, a message per line; a conversation that outgrows the "
-        "context window continues as a new one (said on stderr). With --prompt: answer that message, then exit",
+        help="multi-turn chat using the chat template, a message per line; a conversation that outgrows "
+        "the context window continues as a new one (said on stderr). With --prompt: answer that message, "
+        "then exit",
     )
     g.add_argument("--system", help="system prompt; only with --chat (a plain completion has none)")
     g.add_argument("--temperature", type=float_range(0.0), default=0.0, help="0 = greedy; sampling above 0")
@@ -162,6 +163,10 @@ def _check_generate_args(args) -> None:
         )
     for flag in ("--prompt", "--system"):
         check_text_arg(flag, getattr(args, flag[2:]))
+    if args.chat and args.prompt is not None and not args.prompt.strip():
+        raise InputError(
+            "--prompt is empty: with --chat it is the message to answer; write one, or drop --prompt"
+        )
     for stop in args.stop or []:
         check_text_arg("--stop", stop)
     if not args.chat and args.prompt is None and sys.stdin.isatty():

@@ -269,15 +269,15 @@ def chat(decoder: Decoder, args) -> int:
 
 
 def _answer_one(decoder: Decoder, args, base: list[dict]) -> int:
-    """--chat --prompt TEXT: the model's answer to TEXT, one user message (newlines and all), printed alone."""
+    """--chat --prompt TEXT: the model's answer to TEXT, one user message (newlines and all), alone."""
     _, rendered, _ = fit_turn(decoder, base, [], args.prompt, args.max_new_tokens)
     _say(decoder, args, rendered)
     return 0
 
 
 def _say(decoder: Decoder, args, rendered):
-    """The assistant's reply to a rendered chat prompt, written to stdout (streamed or whole) with its newline,
-    and its stats to stderr with --stats."""
+    """The assistant's reply to a rendered chat prompt, written to stdout (streamed or whole) with its
+    newline, and its stats to stderr with --stats."""
     reply = run_stream(
         decoder, rendered.ids, list(args.stop or []) + rendered.stop, _writer(args.stream), lstrip=True,
         **sampling_kwargs(args),
