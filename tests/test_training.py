@@ -179,6 +179,38 @@ def test_loss_matches_hand_computation(kind):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_automatic_logit_chunk_follows_the_memory_available(monkeypatch):
+    import psutil
+
+    from amphista.training import losses
+
+    def available(n):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": n})())
+
+    available(64 << 30)
+    assert losses.auto_chunk_elements(torch.device("cpu")) == (64 << 30) // 16 // 4  # float32 elements
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share the machine's memory
+    assert losses.auto_chunk_elements(torch.device("cpu")) == (64 << 30) // 16 // 4 // 4
+    available(1 << 30)
+    assert losses.auto_chunk_elements(torch.device("cpu")) == losses.AUTO_CHUNK_ELEMENTS  # never below the floor
+    assert losses.auto_chunk_elements(torch.device("meta")) == losses.AUTO_CHUNK_ELEMENTS  # not a CPU: fixed
+
+    # A step is recomputed in backward only when its logits exceed the chunk, read once per loss module.
+    target = tiny_target()
+    drafter = MedusaDrafter.for_target(target, num_heads=2, dtype=torch.float32)
+    ids = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    hidden, logits = target.forward_train(ids)
+    logp, norm = F.log_softmax(logits, -1), torch.tensor([14.0, 12.0])
+    calls = []
+    monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, **kw: calls.append(1) or fn(*args))
+    for elements, chunked in ((2 * 512 * 3, True), (1 << 26, False)):
+        monkeypatch.setattr(losses, "auto_chunk_elements", lambda device, n=elements: n)
+        calls.clear()
+        loss, _ = DraftLoss(drafter, head_weights(2), 1.0, 1.0)(hidden, ids, mask, logp, norm)
+        assert bool(calls) is chunked and torch.isfinite(loss)
+
+
 def test_head_labels_and_counts():
     ids = torch.tensor([[10, 11, 12, 13, 14, 0]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 0]])
