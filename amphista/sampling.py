@@ -102,3 +102,19 @@ class PositionSampler:
 
 def sample(probs: torch.Tensor, sampler: PositionSampler, position: int) -> int:
     return sampler.draw(probs, position)
+
+
+def sample_rows(logits: torch.Tensor, params: SamplingParams, samplers: list, positions: list[int]) -> list[int]:
+    """Row i's token from logits (R, V) with samplers[i] at positions[i]: the tokens `draw` gives row by row
+    (the same distribution per row, the same uniforms, the same CDF inversion), with the distributions, CDFs
+    and searches done for all rows at once, as plain batched steps need."""
+    probs = target_probs(logits, params)  # (R, V)
+    cdf = probs.double().cumsum(-1)
+    u = torch.tensor([s.uniform(p) for s, p in zip(samplers, positions)], dtype=torch.float64, device=cdf.device)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    tokens = index.tolist()
+    V = probs.shape[-1]
+    for i, t in enumerate(tokens):
+        if t >= V or probs[i, t] <= 0:  # as in draw: u * total rounded onto the last step
+            tokens[i] = int(torch.nonzero(probs[i] > 0)[-1])
+    return tokens

@@ -210,6 +210,26 @@ def test_seeded_batches_are_reproducible_and_rows_differ(bundled):
     assert len({tuple(o.new_tokens) for o in a}) > 1  # row i is seeded with 7 + i
 
 
+def test_rows_of_different_sampling_settings_each_sample_as_their_own_generate(bundled):
+    # A plain step draws the sampled rows of each setting together; every row must still get the tokens of
+    # its own generate with its seed, greedy and typical rows alongside.
+    target, _ = bundled
+    plain = amphista.VanillaDecoder(target)
+    prompts = _story_prompts(target, 3)
+    settings = [
+        dict(temperature=1.0, seed=3), dict(temperature=0.7, top_p=0.9, seed=4), dict(temperature=1.0, seed=5),
+        dict(), dict(temperature=0.7, top_k=5, seed=6), dict(temperature=1.0, seed=7, acceptance="typical"),
+    ]  # fmt: skip
+    engine = BatchEngine(plain, max_rows=len(settings))
+    ids = [engine.add(prompts[i % 3], max_new_tokens=20, eos_token_id=[], **kw) for i, kw in enumerate(settings)]
+    outputs = {}
+    while engine:
+        outputs.update({e.id: e.output for e in engine.step() if e.output is not None})
+    for i, kw in enumerate(settings):
+        own = plain.generate(prompts[i % 3], max_new_tokens=20, eos_token_id=[], **kw)
+        assert outputs[ids[i]].new_tokens == own.new_tokens, kw
+
+
 def test_batch_errors_name_the_prompt_and_the_fix(bundled):
     target, drafters = bundled
     decoder = amphista.VanillaDecoder(target)
