@@ -94,10 +94,7 @@ class PositionSampler:
     def draw(self, probs: torch.Tensor, position: int) -> int:
         """The token at `position` from probs (V,): the first token whose CDF exceeds u * total."""
         cdf = probs.double().cumsum(-1)
-        index = int(torch.searchsorted(cdf, self.uniform(position) * cdf[-1], right=True))
-        if index >= probs.shape[-1] or probs[index] <= 0:  # u * total rounded onto the last step: its token
-            index = int(torch.nonzero(probs > 0)[-1])
-        return index
+        return _on_support(probs, int(torch.searchsorted(cdf, self.uniform(position) * cdf[-1], right=True)))
 
 
 def sample(probs: torch.Tensor, sampler: PositionSampler, position: int) -> int:
@@ -113,8 +110,14 @@ def sample_rows(logits: torch.Tensor, params: SamplingParams, samplers: list, po
     u = torch.tensor([s.uniform(p) for s, p in zip(samplers, positions)], dtype=torch.float64, device=cdf.device)
     index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     tokens = index.tolist()
-    V = probs.shape[-1]
-    for i, t in enumerate(tokens):
-        if t >= V or probs[i, t] <= 0:  # as in draw: u * total rounded onto the last step
-            tokens[i] = int(torch.nonzero(probs[i] > 0)[-1])
+    on = (index < probs.shape[-1]) & (probs.gather(1, index.clamp(max=probs.shape[-1] - 1)[:, None])[:, 0] > 0)
+    for i in (~on).nonzero()[:, 0].tolist():  # rare: rounded onto a CDF's last step
+        tokens[i] = _on_support(probs[i], tokens[i])
     return tokens
+
+
+def _on_support(probs: torch.Tensor, index: int) -> int:
+    """The CDF search's index into probs (V,), or, where u * total rounded onto the last step, its token."""
+    if index >= probs.shape[-1] or probs[index] <= 0:
+        return int(torch.nonzero(probs > 0)[-1])
+    return index

@@ -209,3 +209,19 @@ def test_a_seed_gives_plain_samplings_text_whatever_the_tree_or_batch(model, par
     assert batch[0].new_tokens == plain.generate(PROMPT, seed=40, **kw).new_tokens
     assert batch[1].new_tokens == plain.generate(OTHER, seed=41, **kw).new_tokens
     assert batch[2].new_tokens == plain.generate(PROMPT, seed=42, **kw).new_tokens
+
+
+def test_rows_drawn_together_equal_rows_drawn_one_by_one(monkeypatch):
+    from amphista.sampling import PositionSampler, sample_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, VOCAB, generator=g) * 3
+    params = SamplingParams(0.8, top_p=0.9, top_k=7)
+    samplers, positions = [PositionSampler(seed) for seed in range(6)], [5, 9, 9, 40, 2, 17]
+    one_by_one = [s.draw(target_probs(logits[i], params), p) for i, (s, p) in enumerate(zip(samplers, positions))]
+    assert sample_rows(logits, params, samplers, positions) == one_by_one
+    # A uniform of 1.0 rounds onto the CDF's last step: both take the last token the distribution keeps.
+    monkeypatch.setattr(PositionSampler, "uniform", lambda self, position: 1.0)
+    last = [int(torch.nonzero(target_probs(row, params) > 0)[-1]) for row in logits]
+    assert sample_rows(logits, params, samplers, positions) == last
+    assert [s.draw(target_probs(logits[i], params), 0) for i, s in enumerate(samplers)] == last
