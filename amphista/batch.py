@@ -425,7 +425,7 @@ class BatchEngine:
     @staticmethod
     def _sample_plain(rows: list[_Row], logits: torch.Tensor, starts: list[int]) -> dict[int, int]:
         """A plain step's sampled tokens {row: token}, the rows of each sampling setting drawn together
-        (sample_rows: the tokens verify_sampling gives one row at a time, at a fraction of the per-row cost)."""
+        (sample_rows: the tokens verify_sampling gives one row at a time, for a fraction of the cost)."""
         groups: dict[SamplingParams, list[int]] = {}
         for b, r in enumerate(rows):
             req = r.request

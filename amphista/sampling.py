@@ -101,16 +101,18 @@ def sample(probs: torch.Tensor, sampler: PositionSampler, position: int) -> int:
     return sampler.draw(probs, position)
 
 
-def sample_rows(logits: torch.Tensor, params: SamplingParams, samplers: list, positions: list[int]) -> list[int]:
-    """Row i's token from logits (R, V) with samplers[i] at positions[i]: the tokens `draw` gives row by row
-    (the same distribution per row, the same uniforms, the same CDF inversion), with the distributions, CDFs
-    and searches done for all rows at once, as plain batched steps need."""
+def sample_rows(logits: torch.Tensor, params: SamplingParams, samplers: list, positions: list[int]):
+    """Row i's token (a list of R) from logits (R, V) with samplers[i] at positions[i]: the tokens `draw` gives
+    row by row (the same distribution per row, the same uniforms, the same CDF inversion), with the
+    distributions, CDFs and searches done for all rows at once, as plain batched steps need."""
     probs = target_probs(logits, params)  # (R, V)
     cdf = probs.double().cumsum(-1)
-    u = torch.tensor([s.uniform(p) for s, p in zip(samplers, positions)], dtype=torch.float64, device=cdf.device)
+    u = [s.uniform(p) for s, p in zip(samplers, positions)]
+    u = torch.tensor(u, dtype=torch.float64, device=cdf.device)
     index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     tokens = index.tolist()
-    on = (index < probs.shape[-1]) & (probs.gather(1, index.clamp(max=probs.shape[-1] - 1)[:, None])[:, 0] > 0)
+    V = probs.shape[-1]
+    on = (index < V) & (probs.gather(1, index.clamp(max=V - 1)[:, None])[:, 0] > 0)
     for i in (~on).nonzero()[:, 0].tolist():  # rare: rounded onto a CDF's last step
         tokens[i] = _on_support(probs[i], tokens[i])
     return tokens
