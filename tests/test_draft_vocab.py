@@ -27,7 +27,7 @@ from amphista import (
     TargetModel,
 )
 from amphista.drafters.vocab import count_tokens, draft_vocab_from_counts, draft_vocab_from_tokens
-from amphista.training import DraftLoss, apply_overrides, head_weights, load_examples, train
+from amphista.training import DraftLoss, apply_overrides, head_weights, load_examples, target_probs, train
 from amphista.training.evaluate import head_accuracy
 from amphista.training.trainer import build_drafter
 
@@ -302,7 +302,8 @@ def test_loss_ignores_labels_outside_the_draft_vocabulary(kind):
     assert n_in and n_out
     norm = torch.tensor([float(mask[:, 2 + k :].sum()) for k in range(K)])
     for chunk, columns in ((0, logp), (4, logp), (0, logp[..., d2t])):  # chunked; a cache of N columns
-        loss, stats = DraftLoss(drafter, w, lm_w, al_w, chunk=chunk)(hidden, ids, mask, columns, norm)
+        probs = target_probs(columns, drafter.d2t)
+        loss, stats = DraftLoss(drafter, w, lm_w, al_w, chunk=chunk)(hidden, ids, mask, probs, norm)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
         assert stats[3].tolist() == norm.tolist()  # out-of-vocabulary labels still count as labels
         loss.backward()

@@ -17,6 +17,7 @@ from amphista.training import DraftLoss, TrainConfig, apply_overrides, head_weig
 from amphista.training.batching import collate, epoch_batches, head_labels, label_counts
 from amphista.training.checkpoint import atomic_write, find_checkpoint, list_checkpoints
 from amphista.training.data import DEFAULT_CHAT_TEMPLATE, tokenize_chat
+from amphista.training.losses import target_probs
 from amphista.tree import build_tree, load_accuracies
 
 
@@ -166,7 +167,7 @@ def test_loss_matches_hand_computation(kind):
     norm = torch.tensor([sum(float(mask[b, 2 + k : lengths[b]].sum()) for b in range(2)) for k in range(K)])
     for chunk in (0, 3):  # whole and chunked (checkpointed) vocabulary projection agree
         loss_fn = DraftLoss(drafter, w, lm_w, al_w, chunk=chunk)
-        loss, stats = loss_fn(hidden, ids, mask, logp, norm)
+        loss, stats = loss_fn(hidden, ids, mask, target_probs(logp), norm)
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
         assert stats[3].tolist() == norm.tolist()
         loss.backward()
@@ -201,13 +202,13 @@ def test_the_automatic_logit_chunk_follows_the_memory_available(monkeypatch):
     ids = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     hidden, logits = target.forward_train(ids)
-    logp, norm = F.log_softmax(logits, -1), torch.tensor([14.0, 12.0])
+    probs, norm = F.softmax(logits, -1), torch.tensor([14.0, 12.0])
     calls = []
     monkeypatch.setattr(losses, "checkpoint", lambda fn, *args, **kw: calls.append(1) or fn(*args))
     for elements, chunked in ((2 * 512 * 3, True), (1 << 26, False)):
         monkeypatch.setattr(losses, "auto_chunk_elements", lambda device, n=elements: n)
         calls.clear()
-        loss, _ = DraftLoss(drafter, head_weights(2), 1.0, 1.0)(hidden, ids, mask, logp, norm)
+        loss, _ = DraftLoss(drafter, head_weights(2), 1.0, 1.0)(hidden, ids, mask, probs, norm)
         assert bool(calls) is chunked and torch.isfinite(loss)
 
 

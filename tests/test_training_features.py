@@ -226,8 +226,9 @@ def test_cli_trains_with_and_without_the_cache(tmp_path, capsys):
     assert "target features: reusing" in capsys.readouterr().out
 
 
-def test_logprobs_fill_only_labelled_rows_and_match_the_full_softmax():
-    from amphista.training.features import LogProbs, target_hidden
+def test_target_probs_fill_only_labelled_rows_and_match_the_full_softmax():
+    from amphista.training.features import TargetProbs, target_hidden
+    from amphista.training.losses import target_probs
 
     target = tiny_target()
     ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -236,8 +237,17 @@ def test_logprobs_fill_only_labelled_rows_and_match_the_full_softmax():
     mask[1, 8:] = 0  # padding
     hidden = target_hidden(target, ids).clone()
     full = torch.log_softmax(target.logits(hidden), -1)
-    lp = LogProbs(target)(hidden, mask)
     need = torch.zeros(2, 10, dtype=torch.bool)
     need[:, 1:9] = mask[:, 2:].bool()
-    torch.testing.assert_close(lp[need], full[need], rtol=1e-5, atol=1e-5)
-    assert torch.isfinite(lp).all() and (lp[~need] == 0).all()
+    d2t = torch.tensor([2, 5, 17, 40, 100, 101, 300, 511])
+    for columns in (None, d2t):  # the whole vocabulary; only the lm_head rows of a draft vocabulary
+        probs = TargetProbs(target, columns)(hidden, mask)
+        assert probs.shape == (2, 10, 512 if columns is None else len(d2t))
+        torch.testing.assert_close(probs[need], target_probs(full, columns)[need], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probs[need].sum(-1), torch.ones(int(need.sum())))
+        assert torch.isfinite(probs).all() and (probs[~need] == 0).all()
+    # A target that scales its logits: the draft columns get the same scaling.
+    target.logit_scale = 0.5
+    full = torch.log_softmax(target.logits(hidden), -1)
+    probs = TargetProbs(target, d2t)(hidden, mask)
+    torch.testing.assert_close(probs[need], target_probs(full, d2t)[need], rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "head_accuracy": "evaluate",
     "DraftLoss": "losses",
     "head_weights": "losses",
+    "target_probs": "losses",
     "TrainResult": "trainer",
     "train": "trainer",
 }

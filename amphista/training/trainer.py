@@ -29,7 +29,7 @@ from .checkpoint import STATE_FILE, find_checkpoint, list_checkpoints, load_stat
 from .config import TrainConfig, flag
 from .data import check_output, load_examples
 from .evaluate import format_table, head_accuracy
-from .features import LogProbs, prepare, resolve_folder, target_hidden
+from .features import TargetProbs, prepare, resolve_folder, target_hidden
 from .losses import DraftLoss, head_weights
 from .outputs import MetricsLog, peak_memory_mb, save_outputs
 
@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
             progress=is_main and cfg.progress, log=print if is_main else (lambda *a, **k: None),
         )  # fmt: skip
     accelerator.wait_for_everyone()
-    logprobs = LogProbs(target)
+    target_probs = TargetProbs(target, getattr(drafter, "d2t", None))
     if device.type == "cpu":
         keep_freed_memory()
 
@@ -242,9 +242,9 @@ def train(cfg: TrainConfig, *, target=None, drafter=None, callback=None) -> Trai
                 # A fresh tensor outside inference mode: autograd must be able to save it for backward.
                 hidden = hidden.to(torch.float32).clone()
             with accelerator.autocast():
-                logp = logprobs(hidden, mask)  # (B, T, V) float32, only the rows the loss reads
+                probs = target_probs(hidden, mask)  # (B, T, V or N) float32, only the rows the loss reads
             with accelerator.accumulate(model):
-                loss, stats = model(hidden, ids, mask, logp, norm)
+                loss, stats = model(hidden, ids, mask, probs, norm)
                 # The loss is already this micro-batch's share of the global mean: undo accelerate's
                 # division by the accumulation steps and DDP's average over processes.
                 accelerator.backward(loss * world * accum)
@@ -315,7 +315,7 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed blocks of up to 32 MiB (its ceiling) in the heap instead of unmapping them at
     free(): each step allocates the same large activations again, and every fresh mapping is paged in by
     the kernel (minor faults, ~25% of the CPU time of a training run in issue 14). Larger tensors are
-    mapped regardless; the vocabulary-sized ones are reused buffers (features.LogProbs)."""
+    mapped regardless; the vocabulary-sized ones are reused buffers (features.TargetProbs)."""
     if not sys.platform.startswith("linux"):
         return
     try:
