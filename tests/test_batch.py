@@ -9,7 +9,7 @@ import torch
 from conftest import hf_greedy, tiny_target
 
 import amphista
-from amphista.batch import BatchEngine
+from amphista.batch import BatchEngine, prefill_groups
 from amphista.drafters import AmphistaDrafter, MedusaDrafter, RandomDrafter
 from amphista.errors import InputError
 
@@ -462,3 +462,56 @@ def test_a_catch_up_draft_reads_the_targets_hidden_states_of_every_unseen_positi
         assert start + count == length
         torch.testing.assert_close(hidden[b, :count], full[0, start:length], atol=1e-4, rtol=1e-4)
         assert tokens[b, :count].tolist() == text[start + 1 :]
+
+
+def test_prefill_groups_are_the_cheapest_partition_of_the_prompts():
+    import itertools
+
+    def cost(groups, lengths, c):
+        return sum(c + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            for i in range(len(part)):
+                yield part[:i] + [[first, *part[i]]] + part[i + 1 :]
+            yield [[first], *part]
+
+    g = torch.Generator().manual_seed(0)
+    for n, c in itertools.product((1, 2, 5, 6), (0, 8, 64)):
+        lengths = torch.randint(1, 120, (n,), generator=g).tolist()
+        groups = prefill_groups(lengths, c)
+        assert sorted(i for grp in groups for i in grp) == list(range(n))  # every prompt exactly once
+        assert cost(groups, lengths, c) == min(cost(p, lengths, c) for p in partitions(list(range(n))))
+    # One long prompt among short ones prefills apart; similar lengths stay together.
+    assert prefill_groups([423, *[20] * 31], 32) == [list(range(1, 32)), [0]]
+    assert prefill_groups([20, 22, 21, 19], 32) == [[3, 0, 2, 1]]
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "amphista"])
+def test_prompts_of_very_different_lengths_prefill_in_groups_and_stay_exact(kind, monkeypatch):
+    model = tiny_target("llama", sharpen=8.0)
+    if kind == "vanilla":
+        decoder = amphista.VanillaDecoder(amphista.TargetModel.wrap(model))
+    else:
+        decoder = _speculative(model, kind, [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    monkeypatch.setattr(BatchEngine, "PREFILL_FORWARD_POSITIONS", 4)
+    widths = []
+    forward = type(decoder.target).forward
+
+    def spy(self, input_ids, **kwargs):
+        widths.append(tuple(input_ids.shape))
+        return forward(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(type(decoder.target), "forward", spy)
+    long_prompts = [[1, *(3 + i % 90 for i in range(50))], [1, *(3 + 7 * i % 90 for i in range(40))]]
+    prompts = [long_prompts[0], *PROMPTS, long_prompts[1]]  # two long prompts among short ones
+    outs = decoder.generate_batch(prompts, max_new_tokens=20, eos_token_id=[])
+    assert [o.sequences[0].tolist() for o in outs] == [hf_greedy(model, p, 20) for p in prompts]
+    groups = prefill_groups([len(p) for p in prompts], 4)
+    assert len(groups) > 2
+    # The first forwards are the prefills, one per group, each padded to its own longest prompt only.
+    assert widths[: len(groups)] == [(len(g), max(len(prompts[i]) for i in g)) for g in groups]
