@@ -168,6 +168,11 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PyTorch's CPU allocator maps tensors of 2 MB and more with transparent huge pages when asked (read at
+    # its first allocation, so before torch is imported): each vocabulary-sized tensor of a training step is
+    # a fresh mapping paged in again. SmolLM2's Amphista drafter, 2 threads: 607 -> 644 tokens/s on chat
+    # data, 9.3 -> 6.5 s a step of 8 full 512-token rows. THP_MEM_ALLOC_ENABLE=0 keeps the small pages.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     command = None
     try:
         parser = build_parser()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -239,3 +243,35 @@ def test_a_cast_retires_the_packed_copy_even_where_the_allocator_reuses_the_addr
     assert cpu.packed(w, min_weights=0) is not first
     x32 = torch.randn(3, 16)
     torch.testing.assert_close(cpu.packed(w, min_weights=0).mm(x32), x32 @ w.detach().t(), atol=1e-5, rtol=1e-5)
+
+
+def _huge_pages_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_huge_pages_mode() not in ("madvise", "always"), reason="the kernel has no transparent huge pages")
+def test_the_command_line_maps_large_tensors_with_huge_pages():
+    """`amphista ...` sets THP_MEM_ALLOC_ENABLE before torch's first allocation; the environment can say no."""
+    script = textwrap.dedent("""
+        import contextlib, io
+        from amphista.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            main([])
+        import torch
+        x = torch.ones(32 << 20)  # 128 MB, touched
+        with open("/proc/self/smaps_rollup") as f:
+            print(next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages")))
+    """)
+
+    def huge_kb(**env) -> int:
+        environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+        out = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert huge_kb() >= 64 << 10  # most of the tensor's 128 MB in 2 MB pages
+    if _huge_pages_mode() == "madvise":  # only asked-for mappings get them
+        assert huge_kb(THP_MEM_ALLOC_ENABLE="0") < 64 << 10
