@@ -23,11 +23,13 @@
 #    categories were the drafters' weakest
 # 7. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
 #    (written by training, from --eval-data): the shipped head_accuracy.json picks the trees
-# Times on the 2-core development machine: the feature cache ~15 min; first epoch Medusa ~17 min, Amphista
-# ~41 min; the second epoch ~20 min each; the third: distillation ~45 min on both cores, its features ~14
-# min, Medusa ~9 min, Amphista ~17 min; the fourth: distillation ~15 min, features ~9 min, Medusa ~5 min,
-# Amphista ~10 min. The distillation times are from transformers' padded `generate`; since session 13 `amphista
-# distill` decodes through the project's batch engine: the same answers (96 of 96 compared), ~10% less time.
+# Time on the 2-core development machine (session 14's VM, whose one-token SmolLM2 forward takes 19 ms): the
+# whole script ~2 h 15 min, projected from a run at a quarter of every set (DISTILL_A=472 DISTILL_B=264
+# NEW_A=304 NEW_B=312 OPEN_A=160 OPEN_B=160, the full held-out set; 38.5 min): distillation ~290 answer
+# tokens/s per core (~35 min in all), target features ~1,260 tokens/s (~21 min), Medusa ~2,050 tokens/s
+# (~21 min for the four epochs), Amphista ~690 tokens/s (~58 min). Before session 14 it took ~5 h: the
+# target's distribution per (position, head) over all 49,152 logits, prefills padded to the batch's longest
+# prompt, and (until session 13) transformers' generate for the distillation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${RUN_DIR:-runs/smollm2}
@@ -70,14 +72,14 @@ for name, part in (("prompts_a", prompts[:6000]), ("prompts_b", prompts[6000:120
 EOF
 
 distill() {  # distill PROMPTS OUT MAX_PROMPTS
-    "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/$1" --out "$RUN_DIR/$2" --batch-size 32 \
+    "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/$1" --out "$RUN_DIR/$2" --batch-size 64 \
         --max-new-tokens 192 --temperature 0 --max-prompts "$3" --no-progress
 }
+# The held-out answers on the core whose set is smaller.
 distill prompts_a.jsonl greedy_a.jsonl "$DISTILL_A" & a=$!
-distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_B" & b=$!
+{ distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_B" && distill heldout.jsonl heldout_answers.jsonl "$HELDOUT"; } & b=$!
 wait $a
 wait $b
-distill heldout.jsonl heldout_answers.jsonl "$HELDOUT"
 
 # Medusa first: its run fills the feature cache (~15 min of target forwards on 2 threads); Amphista's reads it.
 for drafter in medusa amphista; do
