@@ -246,7 +246,8 @@ class TargetModel:
     def logits(self, hidden: torch.Tensor, weight: tuple | None = None) -> torch.Tensor:
         """hidden (..., d) -> float32 logits (..., V), with the model's own scaling and soft-capping;
         `weight` (rows, bias or None) of the lm_head: the logits of those tokens only."""
-        logits = (self.lm_head(hidden) if weight is None else torch.nn.functional.linear(hidden, *weight)).float()
+        logits = self.lm_head(hidden) if weight is None else torch.nn.functional.linear(hidden, *weight)
+        logits = logits.float()
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:

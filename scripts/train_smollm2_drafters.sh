@@ -77,7 +77,10 @@ distill() {  # distill PROMPTS OUT MAX_PROMPTS
 }
 # The held-out answers on the core whose set is smaller.
 distill prompts_a.jsonl greedy_a.jsonl "$DISTILL_A" & a=$!
-{ distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_B" && distill heldout.jsonl heldout_answers.jsonl "$HELDOUT"; } & b=$!
+{
+    distill prompts_b.jsonl greedy_b.jsonl "$DISTILL_B"
+    distill heldout.jsonl heldout_answers.jsonl "$HELDOUT"
+} & b=$!
 wait $a
 wait $b
 

@@ -253,9 +253,9 @@ def _huge_pages_mode() -> str | None:
         return None
 
 
-@pytest.mark.skipif(_huge_pages_mode() not in ("madvise", "always"), reason="the kernel has no transparent huge pages")
+@pytest.mark.skipif(_huge_pages_mode() not in ("madvise", "always"), reason="the kernel has no huge pages")
 def test_the_command_line_maps_large_tensors_with_huge_pages():
-    """`amphista ...` sets THP_MEM_ALLOC_ENABLE before torch's first allocation; the environment can say no."""
+    """`amphista` sets THP_MEM_ALLOC_ENABLE before torch's first allocation; the environment can say no."""
     script = textwrap.dedent("""
         import contextlib, io
         from amphista.cli import main
@@ -269,7 +269,8 @@ def test_the_command_line_maps_large_tensors_with_huge_pages():
 
     def huge_kb(**env) -> int:
         environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-        out = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, check=True)
+        command = [sys.executable, "-c", script]
+        out = subprocess.run(command, env=environ, capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
     assert huge_kb() >= 64 << 10  # most of the tensor's 128 MB in 2 MB pages

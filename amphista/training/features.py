@@ -290,7 +290,7 @@ class TargetProbs:
         return flat.view(B, T, V)
 
     def _draft_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The target's logits at the d2t columns, with its own scaling and soft-capping (TargetModel.logits)."""
+        """The target's logits at the d2t columns, scaled and soft-capped as TargetModel.logits does."""
         if self.rows is None:
             head, d2t = self.target.lm_head, self.d2t.to(x.device)
             bias = getattr(head, "bias", None)

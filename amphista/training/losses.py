@@ -15,12 +15,12 @@ With a reduced draft vocabulary (drafter.d2t, N target ids), q is over those N t
   full-vocabulary drafter's (the drafter can never propose that token);
 - p is the target's distribution restricted to the N tokens and renormalised over them: the log-probs
   gathered at d2t minus their logsumexp, which equals softmax of the target's logits gathered at d2t
-  (log_softmax does not change under a shift), so the trainer computes only those N logits. Renormalising keeps the soft
-  label a distribution, so the term is a cross-entropy between two distributions over the same N tokens
-  whose minimum is q = p restricted; the target's mass on dropped tokens would otherwise scale each
-  position's weight by how much of the target's mass happens to be kept. The alignment term applies at
-  every labelled position, in the vocabulary or not: the target's view of the kept tokens is informative
-  either way.
+  (log_softmax does not change under a shift), so the trainer computes only those N logits. Renormalising
+  keeps the soft label a distribution, so the term is a cross-entropy between two distributions over the
+  same N tokens whose minimum is q = p restricted; the target's mass on dropped tokens would otherwise
+  scale each position's weight by how much of the target's mass happens to be kept. The alignment term
+  applies at every labelled position, in the vocabulary or not: the target's view of the kept tokens is
+  informative either way.
 The loss reads the target's distribution as probabilities per position (`target_probs`), not per (position,
 head): every position feeds up to K heads, and the exp and renormalisation over vocabulary-sized rows cost
 Medusa on SmolLM2 more than its own projection did when done per head (2 of 5.4 s a step).
@@ -86,9 +86,9 @@ class DraftLoss(nn.Module):
         self._auto_elements: int | None = None  # auto_chunk_elements, read at the first step and kept
 
     def forward(self, hidden, input_ids, loss_mask, target_probs, norm):
-        """hidden (B, T, d) the target's last hidden state; input_ids, loss_mask (B, T); target_probs (B, T, V),
-        or (B, T, N) with a draft vocabulary, float32: the frozen target's distribution (`target_probs()`);
-        norm (K,) labels per head in the global batch.
+        """hidden (B, T, d) the target's last hidden state; input_ids, loss_mask (B, T); target_probs
+        (B, T, V), or (B, T, N) with a draft vocabulary, float32: the frozen target's distribution
+        (`target_probs()`); norm (K,) labels per head in the global batch.
 
         Returns the loss of this micro-batch already divided by the global counts (so sums over
         micro-batches and processes give the global mean) and detached per-head sums for logging."""
@@ -112,7 +112,9 @@ class DraftLoss(nn.Module):
         probs = target_probs.flatten(0, 1)  # (B*T, V or N)
         V = probs.shape[-1]
         if d2t is not None and V != d2t.numel():
-            raise ValueError(f"target_probs has {V} columns, the draft vocabulary {d2t.numel()}: see target_probs()")
+            raise ValueError(
+                f"target_probs has {V} columns, the draft vocabulary {d2t.numel()}: see target_probs()"
+            )
         if not self.chunk and self._auto_elements is None:
             self._auto_elements = auto_chunk_elements(hidden.device)
         chunk = self.chunk or max(1, self._auto_elements // (K * V))
