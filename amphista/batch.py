@@ -6,8 +6,10 @@ forward, each into its own cache slot), every `step` drafts
 for all live rows in one drafter call, verifies all their trees in one target forward, and commits each
 row's accepted path; a row that finishes or is cancelled leaves at once. Each row keeps its own committed
 length, stop rules and sampler, so a row's output does not depend on which rows it shared
-forwards with (greedy rows equal their own plain decoding; sampled rows follow the target's distribution,
-with the same text as plain sampling for the same seed, up to float rounding). With tree="auto" each step's
+forwards with (greedy rows equal their own plain decoding and sampled rows follow the target's distribution
+with the same text as plain sampling for the same seed, both up to float rounding: a forward of many rows
+multiplies with other kernels than one of a single row, and a near-tie between two tokens can flip, as in 1
+of 512 SmolLM2 answers decoded 64 rows at a time). With tree="auto" each step's
 tree (or none: plain decoding) comes from the decoder's TreePolicy for the number of live rows.
 
 Ragged rows share one KV buffer without padding the prompts: row b's tree sits at its own committed length
