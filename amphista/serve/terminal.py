@@ -153,13 +153,18 @@ def complete(decoder: Decoder, args, prompt_text: str | None = None) -> int:
         decoder, prompt, list(args.stop or []), write if stream_write else None, **sampling_kwargs(args)
     )
     echo_prompt()
+    _finish(reply, args)
+    return 0
+
+
+def _finish(reply, args) -> None:
+    """After a reply: its text when it was not streamed, the newline, and its stats to stderr with --stats."""
     if not args.stream:
         sys.stdout.write(reply.text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats:
         print(reply.stats(), file=sys.stderr)
-    return 0
 
 
 class _Lines:
@@ -282,10 +287,5 @@ def _say(decoder: Decoder, args, rendered):
         decoder, rendered.ids, list(args.stop or []) + rendered.stop, _writer(args.stream), lstrip=True,
         **sampling_kwargs(args),
     )  # fmt: skip
-    if not args.stream:
-        sys.stdout.write(reply.text)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if args.stats:
-        print(reply.stats(), file=sys.stderr)
+    _finish(reply, args)
     return reply

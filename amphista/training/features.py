@@ -269,7 +269,8 @@ class TargetProbs:
     other rows keep whatever finite values an earlier batch left there; the loss multiplies them by zero."""
 
     def __init__(self, target, d2t: torch.Tensor | None = None):
-        self.target, self.d2t, self.buffer, self.rows = target, d2t, None, None
+        self.target, self.d2t, self.buffer = target, d2t, None
+        self.draft_head: tuple | None = None  # (the lm_head rows at d2t, their bias or None)
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -291,8 +292,8 @@ class TargetProbs:
 
     def _draft_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The target's logits at the d2t columns, scaled and soft-capped as TargetModel.logits does."""
-        if self.rows is None:
+        if self.draft_head is None:
             head, d2t = self.target.lm_head, self.d2t.to(x.device)
             bias = getattr(head, "bias", None)
-            self.rows = (head.weight[d2t].contiguous(), None if bias is None else bias[d2t])
-        return self.target.logits(x, weight=self.rows)
+            self.draft_head = (head.weight[d2t].contiguous(), None if bias is None else bias[d2t])
+        return self.target.logits(x, weight=self.draft_head)
