@@ -157,6 +157,14 @@ def packable(weight: torch.Tensor, min_weights: int | None = None) -> bool:
 
 
 @functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). There oneDNN's bfloat16 GEMMs
+    run 3-6x faster than float32 ones (the development VM: 430-470 against 70-130 GFLOP/s on 2 threads for
+    SmolLM2-sized layers over 4,096 rows); elsewhere it emulates them, slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def _bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 

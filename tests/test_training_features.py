@@ -8,6 +8,7 @@ import stat
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_training_helpers import config, tiny_target, write_stories
 
 from amphista.errors import InputError
@@ -85,6 +86,41 @@ def test_other_data_or_target_gets_its_own_entry(tmp_path):
     assert len(entries(tmp_path / "fc")) == 3
     run(tmp_path, "d", data, tiny_target(), seq_len=32)
     assert len(entries(tmp_path / "fc")) == 4
+
+
+def test_on_the_cpu_mixed_precision_is_for_the_drafter_only(tmp_path):
+    """bfloat16 autocast trains the drafter; the target's hidden states (one cache entry for both precisions)
+    and the held-out evaluation stay float32, as the drafter serves the float32 target on the CPU."""
+    data = write_stories(tmp_path / "s.jsonl", n=24)
+    target = tiny_target()
+    seen, autocast_in_target = count_forwards(target), []
+    target.base.register_forward_hook(lambda *_: autocast_in_target.append(torch.is_autocast_enabled("cpu")))
+    kw = dict(epochs=1.0, max_steps=None, feature_dtype="float32", log_every=1)
+    run(tmp_path, "fp32", data, target, mixed_precision="no", **kw)
+    result, cfg = run(tmp_path, "bf16", data, target, mixed_precision="bf16", **kw)
+    assert len(entries(tmp_path / "fc")) == 1 and sum(seen) == 24  # the bf16 run read the fp32 run's entry
+    fp32, bf16 = losses(tmp_path / "fp32" / "out"), losses(tmp_path / "bf16" / "out")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=3e-2)  # really bfloat16, and close
+    saved = load_file(os.path.join(cfg.out, "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # float32 master weights
+    # With a held-out split the evaluation runs the target (and the drafter) outside autocast too.
+    run(tmp_path, "eval", data, target, mixed_precision="bf16", eval_fraction=0.2, feature_cache=None,
+        max_steps=2)
+    assert sum(seen) > 24 and not any(autocast_in_target)
+
+
+def test_automatic_precision(monkeypatch):
+    from amphista import cpu
+    from amphista.training.trainer import resolve_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    assert resolve_precision("auto") == "bf16" and resolve_precision("no") == "no"
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)  # emulated bfloat16 runs slower than float32
+    assert resolve_precision("auto") == "no" and resolve_precision("bf16") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # set by `accelerate launch --mixed_precision`
+    assert resolve_precision("auto") == "fp16"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_meta", "bad_meta"])

@@ -56,8 +56,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """nn.RMSNorm: x * weight / sqrt(mean(x^2) + eps). Half precision keeps F.rms_norm's fp32 statistics; in
     fp32 it is written out, as F.rms_norm costs as much as six separate ops on the CPU. Drafting uses a
     cheaper form of the same value (see _norm and DecoderLayer.weights)."""
-    if x.dtype != torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+    if x.dtype != torch.float32:  # the weight cast too: under autocast a float32 one misses the fused kernel
+        return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 

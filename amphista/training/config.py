@@ -124,7 +124,7 @@ class TrainConfig:
     feature_dtype: str = "auto"  # float32 | float16 | bfloat16; auto: a 16-bit target's own, else float16
 
     # machinery
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA when supported, else fp32 | no | bf16 | fp16
+    mixed_precision: str = "auto"  # no | bf16 | fp16; auto: bf16 on CUDA or a CPU with native bf16, else no
     target_dtype: str = "auto"
     seed: int = 0
     log_every: int = 10
