@@ -23,11 +23,11 @@
 #    categories were the drafters' weakest
 # 7. head accuracies, per head and per tree path, on the model's greedy answers to the held-out prompts
 #    (written by training, from --eval-data): the shipped head_accuracy.json picks the trees
-# Time on the 2-core development machine (session 14's VM, whose one-token SmolLM2 forward takes 19 ms): the
-# whole script ~2 h 15 min, projected from a run at a quarter of every set (DISTILL_A=472 DISTILL_B=264
-# NEW_A=304 NEW_B=312 OPEN_A=160 OPEN_B=160, the full held-out set; 38.5 min): distillation ~290 answer
-# tokens/s per core (~35 min in all), target features ~1,260 tokens/s (~21 min), Medusa ~2,050 tokens/s
-# (~21 min for the four epochs), Amphista ~690 tokens/s (~58 min). Before session 14 it took ~5 h: the
+# Time on the 2-core development machine (session 15's VM, whose one-token SmolLM2 forward takes ~19 ms),
+# the whole script as it stands: 103 min (runs/s15/full). Distillation 35.6 min (~280 answer tokens/s per
+# core), the target's features 22 min (~1,270 tokens/s), Medusa 11 min (3,500-4,100 tokens/s), Amphista 35 min
+# (~1,200 tokens/s) for the four epochs; the drafters train in bfloat16 autocast on a CPU with native bfloat16
+# (docs/training.md, Precision), about twice float32's speed. Before session 14 the script took ~5 h: the
 # target's distribution per (position, head) over all 49,152 logits, prefills padded to the batch's longest
 # prompt, and (until session 13) transformers' generate for the distillation.
 set -euo pipefail
