@@ -190,6 +190,12 @@ class SpeculativeDecoder(Decoder):
         k = min(nodes - 1, self.DYNAMIC_WIDTH, vocab)
         return (depth, k) if sum(k**d for d in range(1, depth + 1)) >= nodes - 1 else None
 
+    @property
+    def tree_nodes(self) -> int:
+        """Tokens verified per row in each step of the latest (or next) call: the tree's nodes, root included, or
+        1 where tree="auto" decodes plainly."""
+        return 1 if self._plain else self.tree.num_nodes
+
     def _use(self, spec: TreeSpec | None) -> None:
         self._plain = spec is None
         spec = spec or TreeSpec.chain(1)

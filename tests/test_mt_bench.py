@@ -180,10 +180,16 @@ def test_step_breakdown_in_results(chat_run):
         # The parts cover the same steps the step latency does.
         step_ms = [1000 * t for r in recs for t in r.out.step_times[1:]]
         assert b["step_ms"] == pytest.approx(sum(step_ms) / len(step_ms), rel=1e-6)
+        # Every decode step is counted under the tree size its turn verified.
+        sizes = results["methods"][name]["steps_by_tree_nodes"]
+        assert sum(sizes.values()) == b["steps"]
+        assert set(sizes) == {str(r.out.tree_nodes) for r in recs}
     for name in ("vanilla_loop", "vanilla_hf"):
         assert results["methods"][name]["step_breakdown"] is None
+        assert results["methods"][name]["steps_by_tree_nodes"] is None
     md = (out / "results.md").read_text()
     assert "## Step breakdown" in md and "| vanilla_loop (one-token forward) |" in md
+    assert "tree nodes: % of steps" in md
 
 
 def test_a_call_decoded_plainly_reports_its_own_steps(chat_target):
@@ -193,7 +199,9 @@ def test_a_call_decoded_plainly_reports_its_own_steps(chat_target):
     dec.profile_steps = True
     prompt = chat_target.tokenizer("Once upon a time")["input_ids"]
     dec.generate(prompt, max_new_tokens=40)  # tree steps: parts of its own
+    assert dec.tree_nodes == dec.tree.num_nodes == 8
     dec._use(None)  # as tree="auto" does where no tree pays for one row
+    assert dec.tree_nodes == 1
     out = dec.generate(prompt, max_new_tokens=12)
     assert all(a == 1 for a in out.accept_lengths)
     # Its parts, one per decode step (before: the previous call's, read again by the benchmark).

@@ -40,6 +40,9 @@ class TurnOutput:
     # Per decode step (prefill excluded), seconds in (draft, tree forward, verification, cache commit):
     # speculative methods whose decoder profiles its steps (SpeculativeDecoder.profile_steps); else None.
     step_parts: list[tuple[float, float, float, float]] | None = None
+    # Tokens verified per step (the tree's nodes, root included; 1: plain), speculative methods; else None.
+    # With tree="auto" it is chosen per call, so a turn's steps share it.
+    tree_nodes: int | None = None
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Method:
         wall = time.perf_counter() - t0
         parts = list(self.runner.last_step_parts) if getattr(self.runner, "profile_steps", False) else None
         return TurnOutput(
-            out.new_tokens, wall, list(out.accept_lengths), list(out.step_times), out.finish_reason, parts
+            out.new_tokens, wall, list(out.accept_lengths), list(out.step_times), out.finish_reason, parts,
+            getattr(self.runner, "tree_nodes", None),
         )
 
 

@@ -105,17 +105,29 @@ def breakdown_table(results: dict) -> str | None:
     if not any(m.get("step_breakdown") for m in methods.values()):
         return None
     rows = [
-        "| method | step | draft | verification | = tree forward | + verify | + commit | tau |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | step | draft | verification | = tree forward | + verify | + commit | tau | tree nodes: % of steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, m in methods.items():
         b = m.get("step_breakdown")
         if b:
             cells = [b[k] for k in ("step_ms", "draft_ms", "verification_ms", "tree_forward_ms", "verify_ms", "commit_ms")]
-            rows.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells) + f" | {_num(m['tau'], '.2f')} |")
+            rows.append(
+                f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells)
+                + f" | {_num(m['tau'], '.2f')} | {_tree_shares(m.get('steps_by_tree_nodes'))} |"
+            )
         elif m["kind"] == "vanilla" and m.get("step_ms_mean") is not None:
-            rows.append(f"| {name} (one-token forward) | {m['step_ms_mean']:.2f} | | | | | | 1.00 |")
+            rows.append(f"| {name} (one-token forward) | {m['step_ms_mean']:.2f} | | | | | | 1.00 | |")
     return "\n".join(rows)
+
+
+def _tree_shares(steps: dict[str, int] | None) -> str:
+    """"4: 70%, 6: 30%" from decode steps per tree size, the most used first; "1" reads "plain"."""
+    total = sum(steps.values()) if steps else 0
+    if not total:
+        return ""
+    used = sorted(steps.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{'plain' if n == '1' else n}: {100 * k / total:.0f}%" for n, k in used if k)
 
 
 def sweep_table(results: dict) -> str:

@@ -74,6 +74,16 @@ def step_breakdown(recs: list[Record]) -> dict | None:
     return out
 
 
+def steps_by_tree_nodes(recs: list[Record]) -> dict[str, int] | None:
+    """Decode steps per tree size verified ({"4": 812, "1": 40}: nodes, root included; "1" is plain decoding),
+    smallest first: what tree="auto" chose. None for methods without a tree."""
+    counts = Counter()
+    for r in recs:
+        if r.out.tree_nodes is not None:
+            counts[r.out.tree_nodes] += len(r.out.step_times) - 1
+    return {str(n): counts[n] for n in sorted(counts)} if counts else None
+
+
 def _mean_std(values: list) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -161,6 +171,7 @@ def summarize(records: list[Record], methods: list[str], runs: int, greedy: bool
         out["turns"] = len(recs)
         if s is None:
             out["step_breakdown"] = step_breakdown(recs)
+            out["steps_by_tree_nodes"] = steps_by_tree_nodes(recs)
             out["mismatch_examples"] = mism[:5]
             out["accept_length_hist"] = dict(
                 sorted(
