@@ -336,7 +336,7 @@ def test_tree_sweep_one_entry_per_size(target, drafter_dirs, tmp_path):
         target=target,
         drafters={"medusa": drafter_dirs["medusa"], "random": RandomDrafter(512, 64)},
         head_accuracies={"random": ACC["top_k"]},
-        tree_sweep=[4, 8, 16],
+        tree_sweep=["auto", 4, 8, 16],
         questions=QUESTIONS[:1],
         hf_baseline=False,
         out=str(tmp_path),
@@ -347,7 +347,18 @@ def test_tree_sweep_one_entry_per_size(target, drafter_dirs, tmp_path):
         assert [e["nodes"] for e in entries] == [4, 8, 16] == [e["num_nodes"] for e in entries]
         assert all(e["expected_tau"] > 1 and isinstance(e["speedup"], float) for e in entries)
         assert f"{name}@16" in results["methods"]
+        # "auto" runs beside the fixed sizes, not as one of them.
+        auto = results["methods"][f"{name}@auto"]
+        assert auto["tree"]["source"] == "auto" and auto["exact_match"] == 1.0
     assert (tmp_path / "tree_sweep.png").is_file()
+
+
+def test_tree_sweep_flag_takes_auto():
+    from amphista.bench.cli import _sweep
+
+    assert _sweep("auto,4, 8") == ["auto", 4, 8] and _sweep("8,auto") == [8, "auto"]
+    with pytest.raises(InputError, match="--tree-sweep 'auto,big'"):
+        _sweep("auto,big")
 
 
 def test_greedy_auto_trees_come_from_accuracy_against_the_target(target, tmp_path):

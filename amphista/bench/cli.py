@@ -79,7 +79,12 @@ def add_parser(sub) -> None:
         help="with --tree auto: verify the best N-token tree (root included) for the head accuracies at every step, "
         "instead of the cost model's choice",
     )
-    p.add_argument("--tree-sweep", metavar="N,N,...", help="benchmark each drafter at these tree sizes")
+    p.add_argument(
+        "--tree-sweep",
+        metavar="N,N,...",
+        help="benchmark each drafter at these tree sizes; 'auto' among them adds the cost model's choice, "
+        "side by side in the same run (e.g. auto,4,8)",
+    )
     add_tree_shape(p, both=True)
     p.add_argument(
         "--batch-sizes",
@@ -150,6 +155,16 @@ def _sizes(text: str | None, flag: str = "--tree-sweep") -> list[int] | None:
         raise InputError(f"{flag} {text!r}: expected comma-separated integers like 1,2,4,8") from e
 
 
+def _sweep(text: str | None) -> list[int | str] | None:
+    """--tree-sweep: sizes, and "auto" where it is listed (kept in its place)."""
+    if text is None:
+        return None
+    try:
+        return [x if x == "auto" else int(x) for x in (x.strip() for x in text.split(",")) if x]
+    except ValueError as e:
+        raise InputError(f"--tree-sweep {text!r}: expected comma-separated sizes like 4,8,16, and 'auto'") from e
+
+
 def config_from_args(args):
     from . import loading
     from .runner import BenchConfig
@@ -171,7 +186,7 @@ def config_from_args(args):
         seed=args.seed,
         tree=args.tree,
         tree_nodes=args.tree_nodes,
-        tree_sweep=_sizes(args.tree_sweep),
+        tree_sweep=_sweep(args.tree_sweep),
         tree_shape=args.tree_shape,
         head_accuracies=_pairs(args.head_accuracy, "--head-accuracy"),
         hf_baseline=not args.no_hf_baseline,
@@ -218,7 +233,8 @@ def run_batch_bench(args) -> int:
         drafters=loading.parse_drafter_args(args.drafter) if args.drafter else None,
         questions=args.questions,
         batch_sizes=sizes,
-        tree_sizes=_sizes(args.tree_sweep) if args.tree_sweep else [8],
+        # Batches always run "auto" beside the fixed sizes.
+        tree_sizes=[n for n in _sweep(args.tree_sweep) if n != "auto"] or [8] if args.tree_sweep else [8],
         max_new_tokens=args.max_new_tokens,
         hf_baseline=not args.no_hf_baseline,
         runs=args.runs,

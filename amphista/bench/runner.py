@@ -55,7 +55,8 @@ class BenchConfig:
     # None: the default of every command -- "auto" for a drafter with head accuracies, else FALLBACK_TREE.
     tree: object = None  # a name, a JSON file, a path list, or "auto" (built from head accuracies)
     tree_nodes: int | None = None  # with tree "auto": a fixed tree of this size instead of the cost model
-    tree_sweep: list[int] | None = None  # one method per drafter and tree size, built from head accuracies
+    # One method per drafter and tree size, built from head accuracies; "auto" among them: the cost model's.
+    tree_sweep: list[int | str] | None = None
     # "default" (dynamic trees with "auto", the given shape otherwise, as generate and serve), "static",
     # "dynamic", or "both": every speculative method twice, named NAME:static and NAME:dynamic.
     tree_shape: str = "default"
@@ -87,8 +88,10 @@ def _check_settings(cfg: BenchConfig) -> None:
         raise InputError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
     if cfg.temperature < 0:
         raise InputError(f"temperature must be >= 0, got {cfg.temperature}")
-    if cfg.tree_sweep is not None and (not cfg.tree_sweep or any(int(n) < 2 for n in cfg.tree_sweep)):
-        raise InputError(f"tree sizes must be at least 2 nodes (root + 1), got {cfg.tree_sweep}")
+    if cfg.tree_sweep is not None and (
+        not cfg.tree_sweep or any(n != "auto" and int(n) < 2 for n in cfg.tree_sweep)
+    ):
+        raise InputError(f"tree sizes must be 'auto' or at least 2 nodes (root + 1), got {cfg.tree_sweep}")
     if cfg.tree_shape not in TREE_SHAPES:
         raise InputError(f"tree_shape must be one of {', '.join(TREE_SHAPES)}, got {cfg.tree_shape!r}")
     clash = set(cfg.extra_methods) & {LOOP, "vanilla_hf"}
@@ -160,7 +163,8 @@ def prepare(cfg: BenchConfig):
         info = {"drafter": drafter_info(drafter, path)}
         # (name suffix, tree, its source, accuracies for "auto", sweep size): built once, run in each shape.
         if cfg.tree_sweep is not None:
-            plans = [(f"@{n}", build_tree(accuracies[name], int(n)), f"build_tree({n})", None, int(n))
+            plans = [("@auto", "auto", "auto", accuracies[name], None) if n == "auto" else
+                     (f"@{n}", build_tree(accuracies[name], int(n)), f"build_tree({n})", None, int(n))
                      for n in cfg.tree_sweep]  # fmt: skip
         else:
             choice = _tree_choice(cfg, name, spec)
