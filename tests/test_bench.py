@@ -144,6 +144,21 @@ def test_mismatch_is_detected_and_flagged(target, tmp_path, capsys):
     assert "**MISMATCH 3/3**" in (tmp_path / "results.md").read_text()
 
 
+class Uncopyable(amphista.VanillaDecoder):
+    """A method holding what cannot be deep-copied, as weights packed for the CPU (opaque tensors) are."""
+
+    def __deepcopy__(self, memo):
+        raise NotImplementedError("Cannot access storage of OpaqueTensorImpl")
+
+
+def test_a_run_with_methods_passed_as_objects_writes_its_results(target, tmp_path):
+    cfg = small(target=target, drafters={}, hf_baseline=False, extra_methods={"own": Uncopyable(target)},
+                out=str(tmp_path))
+    results = run_benchmark(cfg)
+    assert results["methods"]["own"]["exact_match"] == 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["runs"] == 1
+
+
 def test_mismatch_in_plain_transformers_decoding_points_at_numerics():
     from amphista.bench.runner import _warnings
 

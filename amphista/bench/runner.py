@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import cli
@@ -326,7 +326,9 @@ def _settings_dict(cfg: BenchConfig, questions) -> dict:
         "per_category",
         "step_breakdown",
     )
-    d = {k: v for k, v in asdict(cfg).items() if k in keep}
+    # Not asdict: it deep-copies every field, and a target or custom method passed as an object (weights
+    # packed for the CPU among them) cannot be copied; the run would be lost after all of its answers.
+    d = {k: getattr(cfg, k) for k in keep}
     d["tree"] = "default" if cfg.tree is None else cfg.tree if isinstance(cfg.tree, str) else "paths"
     source = _questions_source(cfg)
     d["questions"] = str(questions_path(source)) if _is_path(source) else "list"
