@@ -115,6 +115,14 @@ class TreePolicy:
     # steps are such probes).
     GAIN_RELAX = 0.0015
     PROBE_ALPHA = 0.1
+    # `gain` scales every size alike, but the accuracies can overstate one size more than its neighbours (on
+    # SmolLM2's MT-Bench they promised Amphista's 5-node tree 0.13 more tau than the 4-node one; both accepted
+    # 1.63). A dynamic tree's step tells exactly what each smaller tree would have accepted (observe's
+    # `smaller`), so per size a moving average of those and of the 2-node tree's over the same steps: their
+    # ratio, measured on the same text, corrects each size's tau relative to the tree the gain was fit to,
+    # once SHAPE_MIN steps measured it.
+    SHAPE_ALPHA = 0.02
+    SHAPE_MIN = 16
 
     def __init__(self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64):
         acc = list(accuracies)[: max_depth or None]
@@ -148,6 +156,8 @@ class TreePolicy:
         self._gain_candidate: Candidate | None = None  # the tree whose steps last measured the gain
         self._after_plain = False  # the latest observed step was plain
         self._probe_steps = 0  # tree steps left that weigh PROBE_ALPHA in the gain (see GAIN_RELAX)
+        # nodes -> [steps, mean accepted drafts, the 2-node tree's mean over the same steps] (see SHAPE_ALPHA)
+        self._shape: dict[int, list] = {}
 
     def _predicted(self, rows: int) -> list[float]:
         base = self._base.get(rows)
@@ -165,12 +175,26 @@ class TreePolicy:
         # few percent faster than the tried ones, and `auto` kept moving to them (3-node and 32-node trees
         # among 6-12-node ones on two bundled rows, 6-10% slower than a fixed 8-node tree).
         rates, known = [], self._measured(bucket)
+        fitted = self._gain_candidate
+        fitted_shape = self._shape_ratio(fitted.nodes) if fitted is not None else None
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree's own measurements, but never less slowed than the machine is now (see observe).
             own = self._own(bucket, c.nodes, known) if c.nodes > 1 else None
             correction = max((v for v in (own, plain) if v is not None), default=0.0)
-            rates.append(rows * c.tau_at(gain) / (s * math.exp(correction)))
+            tau = c.tau_at(gain)
+            shape = self._shape_ratio(c.nodes) if fitted_shape and c.nodes > 1 else None
+            if shape is not None:  # measured on the same steps as the tree the gain was fit to
+                tau = 1.0 + (fitted.tau_at(gain) - 1.0) * shape / fitted_shape
+            rates.append(rows * tau / (s * math.exp(correction)))
         return rates
+
+    def _shape_ratio(self, nodes: int) -> float | None:
+        """Drafts the `nodes`-node tree accepted per draft the 2-node tree accepted on the same steps, or None
+        until SHAPE_MIN steps measured it (see SHAPE_ALPHA)."""
+        entry = self._shape.get(nodes)
+        if entry is None or entry[0] < self.SHAPE_MIN or entry[2] < 0.05:
+            return None
+        return entry[1] / entry[2]
 
     def _measured(self, bucket: int) -> list[tuple[int, float]]:
         """(nodes, log correction) of the sizes measured in `bucket`, ascending, plain decoding's first (0 until
@@ -234,7 +258,9 @@ class TreePolicy:
             self._choice.clear()
         return tree
 
-    def observe(self, rows: int, nodes: int, seconds: float, tokens: float | None = None) -> None:
+    def observe(
+        self, rows: int, nodes: int, seconds: float, tokens: float | None = None, smaller: list | None = None
+    ) -> None:
         """Feed back a measured step time, so that a calibration that is off (another process on the cores,
         a cache length unlike the calibration's) heals. Per (rows bucket, nodes), a moving average of
         log(measured / predicted) rescales that candidate's predicted cost: a tree slower than predicted
@@ -250,10 +276,22 @@ class TreePolicy:
         `tokens`, the mean tokens each row committed in that step, feeds a second correction: `gain`, the
         moving average of observed / expected accepted drafts, scales every tree's expected gain over
         plain decoding (accuracies measured on other text than the one being decoded promise too much or
-        too little for every tree alike). Plain steps relax it back toward the promise (GAIN_RELAX)."""
+        too little for every tree alike). Plain steps relax it back toward the promise (GAIN_RELAX).
+
+        `smaller`, for a step of a dynamic tree under greedy decoding: the drafts the dynamic tree of each size
+        m = 2 .. `nodes` would have accepted at that step (entry m - 2; decoder.smaller_trees_accepted), which
+        corrects each size's tau where the accuracies misjudge one size against another (SHAPE_ALPHA)."""
         if seconds <= 0 or nodes not in self._index:
             return
         candidate = self.candidates[self._index[nodes]]
+        if smaller is not None and candidate.tau > 1.0 and len(smaller) >= nodes - 1:
+            reference = smaller[0]
+            for c in self.candidates[1 : self._index[nodes] + 1]:
+                entry = self._shape.setdefault(c.nodes, [0, 0.0, 0.0])
+                entry[0] += 1
+                alpha = max(self.SHAPE_ALPHA, 1.0 / entry[0])
+                entry[1] += alpha * (smaller[c.nodes - 2] - entry[1])
+                entry[2] += alpha * (reference - entry[2])
         if tokens is not None and candidate.tau > 1.0:
             # Drafts accepted less (or more) often than the accuracies promise. The means are plain over the
             # first steps, moving averages after: the first answer already corrects a promise that was off.

@@ -51,7 +51,12 @@ class TreeSpec:
                 raise TreeError(
                     f"tree path {list(key)} has no parent {list(key[:-1])}: every prefix of a path must also be a path"
                 )
-        return cls(tuple(sorted(seen, key=lambda p: (len(p), p))))
+        return cls.canonical(seen)
+
+    @classmethod
+    def canonical(cls, paths) -> TreeSpec:
+        """The tree of valid `paths` (tuples, prefix-closed), in the canonical order: by depth, then by ranks."""
+        return cls(tuple(sorted(paths, key=lambda p: (len(p), p))))
 
     @classmethod
     def chain(cls, depth: int) -> TreeSpec:
@@ -119,7 +124,15 @@ _UNMEASURED = 1e-6
 
 
 def dynamic_tree(probs: list[list[float]], num_nodes: int, prior: dict | None = None) -> TreeSpec:
-    """The `num_nodes`-token tree (root included) that one step's drafts promise the most accepted tokens.
+    """The `num_nodes`-token tree (root included) that one step's drafts promise the most accepted tokens
+    (see dynamic_order, whose paths it holds)."""
+    return TreeSpec.canonical(dynamic_order(probs, num_nodes, prior))
+
+
+def dynamic_order(probs: list[list[float]], num_nodes: int, prior: dict | None = None) -> list[tuple[int, ...]]:
+    """The paths of dynamic_tree's `num_nodes`-token tree in the order they were chosen, best first. The picks
+    do not depend on `num_nodes`, which only ends them, so the first m - 1 paths are the m-node tree of the
+    same drafts: what a step would have accepted with any smaller tree can be read off this one.
 
     probs[h][r] is the drafter's own probability for head h's rank-r token at this step (ranks sorted best
     first). Without `prior` a node's value is the product of its ranks' probabilities, the chance that every
@@ -160,7 +173,7 @@ def dynamic_tree(probs: list[list[float]], num_nodes: int, prior: dict | None = 
         if level + 1 < depth:
             child, p = path + (0,), product * probs[level + 1][0]
             heapq.heappush(frontier, (-value(child, p), child, p, product))
-    return TreeSpec(tuple(sorted(chosen, key=lambda p: (len(p), p))))
+    return chosen
 
 
 class FixedTree:

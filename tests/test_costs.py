@@ -472,3 +472,31 @@ def test_a_tree_calibrated_too_dear_is_tried_and_then_chosen():
     policy._rankings, policy._choice = policy.EXPLORE_EVERY - 1, {}  # a ranking that tries a runner-up
     assert policy.choose(2, ragged=False).num_nodes != true_best.nodes
     assert [row["nodes"] for row in policy.table([2])] == [true_best.nodes]  # the table shows the choice
+
+
+def test_what_smaller_trees_would_have_accepted_corrects_one_size_against_another():
+    """The accuracies promise every size beyond 4 nodes more accepted drafts, but on this text they accept
+    no more than the 4-node tree: `gain` alone scales all sizes alike and keeps a bigger tree; the
+    counterfactual acceptance of each smaller tree (observe's `smaller`) moves the choice to 4 nodes."""
+
+    def tree_cost(rows, tokens):
+        return 1e-2 + (2e-3 + 2e-4 * tokens if tokens > 1 else 0.0)
+
+    def run(report_smaller: bool) -> list[int]:
+        policy = TreePolicy(model(tree_cost), GOOD)
+        promised = {c.nodes: c.tau for c in policy.candidates}
+
+        def accepted(m):  # drafts the m-node tree accepts per step: the promise, capped at the 4-node tree's
+            return min(max(t for n, t in promised.items() if n <= m), promised[4]) - 1.0
+
+        chosen = []
+        for _ in range(300):
+            tree = policy.choose(1)
+            n = 1 if tree is None else tree.num_nodes
+            smaller = [accepted(m) for m in range(2, n + 1)] if report_smaller and n > 1 else None
+            policy.observe(1, n, tree_cost(1, n), 1.0 + (accepted(n) if n > 1 else 0.0), smaller)
+            chosen.append(n)
+        return chosen[-100:]
+
+    assert sum(n > 4 for n in run(False)) >= 80
+    assert sum(n == 4 for n in run(True)) >= 80  # a bigger tree now and then: EXPLORE_EVERY

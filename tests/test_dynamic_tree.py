@@ -11,9 +11,9 @@ from conftest import hf_greedy, tiny_target
 
 import amphista
 from amphista.bench.runner import BenchConfig, prepare
-from amphista.decoder import TreeMask
+from amphista.decoder import TreeMask, smaller_trees_accepted
 from amphista.drafters import AdversarialDrafter, OracleDrafter, RandomDrafter
-from amphista.tree import TreeBuffers, TreeSpec, dynamic_tree
+from amphista.tree import TreeBuffers, TreeSpec, dynamic_order, dynamic_tree
 
 
 def _value(probs, path) -> float:
@@ -53,6 +53,59 @@ def test_a_prior_of_measured_path_frequencies_reshapes_the_tree():
     assert dynamic_tree(probs, 4, prior).paths == ((0,), (1,), (0, 0))
     assert dynamic_tree(probs, 3, prior).paths == ((0,), (0, 0))  # (0, 0) before (1,)
     assert dynamic_tree(probs, 3).paths == ((0,), (1,))
+
+
+def _accepted(paths, truth) -> int:
+    """Drafts greedy verification accepts from a tree: the target's own chain (`truth`, the rank of its
+    argmax among each head's drafts; a rank beyond the drafts: not drafted) as far as the tree holds it."""
+    n = 0
+    while n < len(truth) and truth[: n + 1] in paths:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("prior", [None, {(0,): 0.6, (1,): 0.2, (0, 0): 0.5, (0, 1): 0.05, (1, 0): 0.15}])
+def test_what_each_smaller_dynamic_tree_would_have_accepted_is_read_off_the_biggest(prior):
+    rng = random.Random(7)
+    for _ in range(400):
+        depth, width = rng.randint(1, 4), rng.randint(1, 4)
+        probs = [sorted((rng.random() ** 2 for _ in range(width)), reverse=True) for _ in range(depth)]
+        order = dynamic_order(probs, rng.randint(2, 14), prior)
+        buf = TreeBuffers.of(TreeSpec.canonical(order))
+        assert buf.spec == dynamic_tree(probs, len(order) + 1, prior)
+        truth = tuple(rng.choice([0, 0, 1, width]) for _ in range(depth))
+        paths = set(buf.spec.paths)
+        nodes = [0] + [buf.spec.paths.index(truth[:d]) + 1 for d in range(1, _accepted(paths, truth) + 1)]
+        got = smaller_trees_accepted(order, buf, nodes)
+        want = [_accepted(set(dynamic_tree(probs, m, prior).paths), truth) for m in range(2, buf.num_nodes + 1)]
+        assert got == want
+
+
+def test_greedy_dynamic_steps_report_every_smaller_trees_acceptance(llama):
+    prompt = [5, 6, 7]
+    ref = hf_greedy(llama, prompt, 40)
+    accuracies = [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55], [0.3, 0.35, 0.4]]
+    decoder = amphista.SpeculativeDecoder(
+        llama, OracleDrafter(ref, 97, 32, num_heads=3, error_rate=0.4, seed=1), tree="auto", accuracies=accuracies
+    )
+    seen = []
+    observe = decoder.tree_policy.observe
+
+    def spy(rows, nodes, seconds, tokens=None, smaller=None):
+        seen.append((nodes, tokens, smaller))
+        observe(rows, nodes, seconds, tokens, smaller)
+
+    decoder.tree_policy.observe = spy
+    assert decoder.generate(prompt, max_new_tokens=40, eos_token_id=[]).sequences[0].tolist() == ref
+    steps = [(n, t, s) for n, t, s in seen if n > 1]
+    assert steps, "the policy chose no tree"
+    for nodes, tokens, smaller in steps:
+        assert len(smaller) == nodes - 1 and smaller == sorted(smaller) and smaller[0] <= 1
+        assert smaller[-1] == tokens - 1  # the tree itself accepted what it reports for its own size
+    assert any(s[-1] > 0 for _, _, s in steps)
+    seen.clear()
+    decoder.generate(prompt, max_new_tokens=20, temperature=0.8, seed=0)
+    assert all(s is None for _, _, s in seen)  # sampling accepts by chance: no counterfactual
 
 
 @pytest.mark.parametrize("probs, nodes, match", [([[0.5]], 1, "at least 2 nodes"), ([], 4, "at least one head")])
