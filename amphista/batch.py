@@ -32,7 +32,7 @@ from .generation import GenerateOutput, Request, sync
 from .kv_cache import RowsCache
 from .sampling import SamplingParams, sample, sample_rows, target_probs
 from .target import attention_layout, window_masks
-from .tree import TreeBuffers, TreeSpec, dynamic_tree
+from .tree import TreeBuffers, TreeSpec, dynamic_order, smaller_trees_accepted
 from .verify import accepted_path, verify_sampling, verify_typical
 
 
@@ -319,11 +319,12 @@ class BatchEngine:
         shape = None
         if tree is not None and policy is not None and getattr(self.decoder, "dynamic_trees", False):
             shape = self.decoder.dynamic_shape(N)
-        bufs = None  # per row, where each row's tree is shaped from its own drafts
+        bufs = orders = None  # per row, where each row's tree is shaped from its own drafts
         if shape is not None:
             top, probs = self._draft(*shape, probs=True)  # (B, depth, k) each
             prior = self.decoder.tree_prior
-            bufs = [TreeBuffers.of(dynamic_tree(p, N, prior), device) for p in probs.tolist()]
+            orders = [dynamic_order(p, N, prior) for p in probs.tolist()]
+            bufs = [TreeBuffers.of(TreeSpec.canonical(order), device) for order in orders]
             head, rank = torch.stack([b.head for b in bufs]), torch.stack([b.rank for b in bufs])  # (B, N-1)
             tokens = torch.cat([roots, top.reshape(B, -1).gather(1, head * shape[1] + rank)], dim=1)  # (B, N)
         elif tree is not None:
@@ -394,6 +395,10 @@ class BatchEngine:
             accepted.append(nodes)
             new_tokens.append([tok[b][i] for i in nodes[1:]] + [bonus])
         self.cache.commit(B, starts, accepted)
+        smaller = None  # what each smaller tree would have accepted, per row on average (TreePolicy.observe)
+        if orders is not None and all(r.request.params.greedy for r in rows):
+            per_row = [smaller_trees_accepted(*row) for row in zip(orders, bufs, accepted)]
+            smaller = [sum(counts) / B for counts in zip(*per_row)]
         if self.drafter is not None and tree is None:
             kept = out.hidden  # plain step: every row kept its root, node 0
         elif self.drafter is not None:
@@ -431,7 +436,7 @@ class BatchEngine:
         for b in reversed(finished):
             self._remove(b)
         if policy is not None and hasattr(policy, "observe"):
-            policy.observe(B, N, seconds, sum(map(len, accepted)) / B)
+            policy.observe(B, N, seconds, sum(map(len, accepted)) / B, smaller)
         return events
 
     @staticmethod

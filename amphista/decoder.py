@@ -19,7 +19,7 @@ from .errors import InputError, TreeError
 from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
 from .target import attention_layout, decode_attention, window_masks
-from .tree import FixedTree, TreeBuffers, TreeSpec, dynamic_order
+from .tree import FixedTree, TreeBuffers, TreeSpec, dynamic_order, smaller_trees_accepted
 from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
 
@@ -44,22 +44,6 @@ def head_accuracies(decoder: SpeculativeDecoder, required: bool = True):
     if isinstance(accuracies, (str, bytes)) or hasattr(accuracies, "__fspath__"):
         return load_accuracies(accuracies, greedy=True)
     return accuracies
-
-
-def smaller_trees_accepted(order: list[tuple[int, ...]], buf: TreeBuffers, nodes: list[int]) -> list[int]:
-    """Greedy drafts the dynamic tree of each size would have accepted at this step: entry m - 2 for the
-    m-node tree, m = 2 .. the tree's nodes. `order`: the tree's paths as dynamic_order chose them; `nodes`:
-    the accepted nodes, root first. An m-node tree holds the first m - 1 paths of `order`, and greedy
-    verification accepts the target's own argmax chain as far as the tree holds it, so what it accepts is
-    the accepted nodes among those paths: exact, for every smaller size, from the one step."""
-    place = {p: i for i, p in enumerate(order)}
-    picks = sorted(place[buf.spec.paths[i - 1]] for i in nodes[1:])  # a chain: each pick after its parent
-    counts, accepted = [], 0
-    for m in range(2, buf.num_nodes + 1):
-        while accepted < len(picks) and picks[accepted] < m - 1:
-            accepted += 1
-        counts.append(accepted)
-    return counts
 
 
 def auto_policy(decoder: SpeculativeDecoder):

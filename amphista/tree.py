@@ -176,6 +176,22 @@ def dynamic_order(probs: list[list[float]], num_nodes: int, prior: dict | None =
     return chosen
 
 
+def smaller_trees_accepted(order: list[tuple[int, ...]], buf: TreeBuffers, nodes: list[int]) -> list[int]:
+    """Greedy drafts the dynamic tree of each size would have accepted at this step: entry m - 2 for the
+    m-node tree, m = 2 .. the tree's nodes. `order`: the tree's paths as dynamic_order chose them; `nodes`:
+    the accepted nodes, root first. An m-node tree holds the first m - 1 paths of `order`, and greedy
+    verification accepts the target's own argmax chain as far as the tree holds it, so what it accepts is
+    the accepted nodes among those paths: exact, for every smaller size, from the one step."""
+    place = {p: i for i, p in enumerate(order)}
+    picks = sorted(place[buf.spec.paths[i - 1]] for i in nodes[1:])  # a chain: each pick after its parent
+    counts, accepted = [], 0
+    for m in range(2, buf.num_nodes + 1):
+        while accepted < len(picks) and picks[accepted] < m - 1:
+            accepted += 1
+        counts.append(accepted)
+    return counts
+
+
 class FixedTree:
     """The tree policy of a decoder given one tree: every step verifies `spec`, whatever the batch size."""
 

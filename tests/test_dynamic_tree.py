@@ -11,9 +11,9 @@ from conftest import hf_greedy, tiny_target
 
 import amphista
 from amphista.bench.runner import BenchConfig, prepare
-from amphista.decoder import TreeMask, smaller_trees_accepted
+from amphista.decoder import TreeMask
 from amphista.drafters import AdversarialDrafter, OracleDrafter, RandomDrafter
-from amphista.tree import TreeBuffers, TreeSpec, dynamic_order, dynamic_tree
+from amphista.tree import TreeBuffers, TreeSpec, dynamic_order, dynamic_tree, smaller_trees_accepted
 
 
 def _value(probs, path) -> float:
@@ -81,31 +81,45 @@ def test_what_each_smaller_dynamic_tree_would_have_accepted_is_read_off_the_bigg
         assert got == want
 
 
-def test_greedy_dynamic_steps_report_every_smaller_trees_acceptance(llama):
-    prompt = [5, 6, 7]
-    ref = hf_greedy(llama, prompt, 40)
-    accuracies = [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55], [0.3, 0.35, 0.4]]
-    decoder = amphista.SpeculativeDecoder(
-        llama, OracleDrafter(ref, 97, 32, num_heads=3, error_rate=0.4, seed=1), tree="auto", accuracies=accuracies
-    )
-    seen = []
-    observe = decoder.tree_policy.observe
+def _spied(decoder) -> list:
+    """The (nodes, tokens, smaller) of every step the decoder's tree policy observes."""
+    seen, observe = [], decoder.tree_policy.observe
 
     def spy(rows, nodes, seconds, tokens=None, smaller=None):
         seen.append((nodes, tokens, smaller))
         observe(rows, nodes, seconds, tokens, smaller)
 
     decoder.tree_policy.observe = spy
-    assert decoder.generate(prompt, max_new_tokens=40, eos_token_id=[]).sequences[0].tolist() == ref
+    return seen
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_greedy_dynamic_steps_report_every_smaller_trees_acceptance(llama, rows):
+    prompts = [[5, 6, 7], [9, 3], [40, 41, 42, 43]][:rows]
+    refs = [hf_greedy(llama, p, 40) for p in prompts]
+    accuracies = [[0.6, 0.7, 0.75], [0.4, 0.5, 0.55], [0.3, 0.35, 0.4]]
+    decoder = amphista.SpeculativeDecoder(
+        llama, OracleDrafter(refs[0], 97, 32, num_heads=3, error_rate=0.4, seed=1), tree="auto",
+        accuracies=accuracies,
+    )
+    seen = _spied(decoder)
+    if rows == 1:
+        outs = [decoder.generate(prompts[0], max_new_tokens=40, eos_token_id=[])]
+    else:
+        outs = decoder.generate_batch(prompts, max_new_tokens=40, eos_token_id=[])
+    assert [o.sequences[0].tolist() for o in outs] == refs
     steps = [(n, t, s) for n, t, s in seen if n > 1]
     assert steps, "the policy chose no tree"
-    for nodes, tokens, smaller in steps:
+    for nodes, tokens, smaller in steps:  # per row on average where rows decode together
         assert len(smaller) == nodes - 1 and smaller == sorted(smaller) and smaller[0] <= 1
-        assert smaller[-1] == tokens - 1  # the tree itself accepted what it reports for its own size
+        assert smaller[-1] == pytest.approx(tokens - 1)  # the tree itself accepted what it reports for its size
     assert any(s[-1] > 0 for _, _, s in steps)
     seen.clear()
-    decoder.generate(prompt, max_new_tokens=20, temperature=0.8, seed=0)
-    assert all(s is None for _, _, s in seen)  # sampling accepts by chance: no counterfactual
+    if rows == 1:
+        decoder.generate(prompts[0], max_new_tokens=20, temperature=0.8, seed=0)
+    else:
+        decoder.generate_batch(prompts, max_new_tokens=20, temperature=0.8, seed=0)
+    assert seen and all(s is None for _, _, s in seen)  # sampling accepts by chance: no counterfactual
 
 
 @pytest.mark.parametrize("probs, nodes, match", [([[0.5]], 1, "at least 2 nodes"), ([], 4, "at least one head")])
