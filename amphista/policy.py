@@ -279,7 +279,7 @@ class TreePolicy:
         too little for every tree alike). Plain steps relax it back toward the promise (GAIN_RELAX).
 
         `smaller`, for a step of a dynamic tree under greedy decoding: the drafts the dynamic tree of each size
-        m = 2 .. `nodes` would have accepted at that step (entry m - 2; decoder.smaller_trees_accepted), which
+        m = 2 .. `nodes` would have accepted at that step (entry m - 2; tree.smaller_trees_accepted), which
         corrects each size's tau where the accuracies misjudge one size against another (SHAPE_ALPHA)."""
         if seconds <= 0 or nodes not in self._index:
             return
