@@ -7,6 +7,7 @@ implicit. Node i of the flattened tree (0 = root) is verified at position prefix
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import json
 import math
@@ -184,12 +185,7 @@ def smaller_trees_accepted(order: list[tuple[int, ...]], buf: TreeBuffers, nodes
     the accepted nodes among those paths: exact, for every smaller size, from the one step."""
     place = {p: i for i, p in enumerate(order)}
     picks = sorted(place[buf.spec.paths[i - 1]] for i in nodes[1:])  # a chain: each pick after its parent
-    counts, accepted = [], 0
-    for m in range(2, buf.num_nodes + 1):
-        while accepted < len(picks) and picks[accepted] < m - 1:
-            accepted += 1
-        counts.append(accepted)
-    return counts
+    return [bisect.bisect_left(picks, m - 1) for m in range(2, buf.num_nodes + 1)]
 
 
 class FixedTree:
