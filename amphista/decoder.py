@@ -20,7 +20,6 @@ from .generation import Decoder, Request, sync
 from .sampling import sample, target_probs
 from .target import attention_layout, decode_attention, window_masks
 from .tree import FixedTree, TreeBuffers, TreeSpec, dynamic_order, smaller_trees_accepted
-from .vanilla import VanillaDecoder
 from .verify import verify_greedy, verify_sampling, verify_typical
 
 
@@ -171,11 +170,15 @@ class SpeculativeDecoder(Decoder):
         # Dynamic trees blend in the measured path frequencies where the drafter has them (see dynamic_tree).
         accuracies = head_accuracies(self, required=False) if self.dynamic_trees else None
         self.tree_prior = getattr(accuracies, "paths", None)
+        self._buffers_by_nodes: dict[int, TreeBuffers] = {}
+        self._shapes: dict[int, tuple[int, int] | None] = {}
+        self.last_step_nodes: list[int] = []
         if self.auto:
             self.tree_policy = auto_policy(self)
-            # One sequence at a time: the tree the cost model picks for one row, or none (plain decoding);
-            # chosen again at every generate, as the policy learns from the steps it sees.
+            # One sequence at a time: the tree the cost model picks for one row at each step, or none (plain
+            # decoding), as the policy learns from the steps it sees; the cache leaves room for the largest.
             self._use(self.tree_policy.choose(1, fresh=True))
+            self.extra_cache = self.tree_policy.max_nodes
         else:
             spec = TreeSpec.load(tree, self.drafter.num_heads)
             self._use(spec)
@@ -193,7 +196,10 @@ class SpeculativeDecoder(Decoder):
     @property
     def tree_nodes(self) -> int:
         """Tokens verified per row in each step of the latest (or next) call: the tree's nodes, root included, or
-        1 where tree="auto" decodes plainly."""
+        1 where tree="auto" decodes plainly. With tree="auto" the choice is per step: `last_step_nodes` has
+        every step's, and this is the latest step's."""
+        if self.auto and self.last_step_nodes:
+            return self.last_step_nodes[-1]
         return 1 if self._plain else self.tree.num_nodes
 
     def _use(self, spec: TreeSpec | None) -> None:
@@ -212,38 +218,41 @@ class SpeculativeDecoder(Decoder):
         self.buffers = TreeBuffers(spec, self.target.device)
         self.extra_cache = spec.num_nodes
 
+    def _buffers(self, spec: TreeSpec) -> TreeBuffers:
+        """The buffers of a fixed tree: the one in use, or one of tree="auto"'s candidates (built once)."""
+        if spec is self.tree:
+            return self.buffers
+        buf = self._buffers_by_nodes.get(spec.num_nodes)
+        if buf is None:
+            buf = self._buffers_by_nodes[spec.num_nodes] = TreeBuffers(spec, self.target.device)
+        return buf
+
+    def _shape(self, nodes: int) -> tuple[int, int] | None:
+        if not self.dynamic_trees:
+            return None
+        if nodes not in self._shapes:
+            self._shapes[nodes] = self.dynamic_shape(nodes)
+        return self._shapes[nodes]
+
     @torch.inference_mode()
     def _run(self, request: Request) -> Iterator[list[int]]:
-        if self.auto:
-            choice = self.tree_policy.choose(1, fresh=True)
-            if choice != (None if self._plain else self.tree):
-                self._use(choice)
-        if self._plain:  # tree="auto" found no tree that pays for one row on this machine
-            self.last_step_parts = []
-            out = yield from VanillaDecoder._run(self, request)
-            if self.profile_steps:  # a plain step is all forward: no draft, and a one-node tree needs no commit
-                self.last_step_parts = [(0.0, seconds, 0.0, 0.0) for seconds in out.step_times[1:]]
-            if self.auto:  # plain steps too: their cost, and they let a low acceptance estimate relax
-                for seconds in out.step_times[1:]:
-                    self.tree_policy.observe(1, 1, seconds)
-            return out
-        target, drafter, buf, params = self.target, self.drafter, self.buffers, request.params
+        target, drafter, params = self.target, self.drafter, request.params
+        policy = self.tree_policy if self.auto else None
         device = target.device
         t0 = time.perf_counter()
         cache = self._new_cache(request)
-        mask = TreeMask(buf, cache.max_len, target.dtype, device, self.window, self.layer_types)
+        # tree="auto" chooses every step, so the mask has rows for the largest candidate.
+        largest = policy.candidates[-1].tree if policy is not None else None
+        mask_buf = self._buffers(largest) if largest is not None else self.buffers
+        mask = TreeMask(mask_buf, cache.max_len, target.dtype, device, self.window, self.layer_types)
         drafter.reset(cache.max_len)
-        depth, k = self.tree.depth, self.tree.max_rank + 1
-        size = buf.num_nodes
-        shape = self.dynamic_shape(size) if self.dynamic_trees else None
-        dynamic = shape is not None
-        if dynamic:  # every step: the best tree of `size` nodes for that step's drafts
-            depth, k = shape
         generated: list[int] = []
         accept_lengths: list[int] = []
         step_times: list[float] = []
+        step_nodes: list[int] = []
         parts = [] if self.profile_steps else None
         self.last_step_parts = parts if parts is not None else []
+        self.last_step_nodes = step_nodes
 
         # Prefill: the prompt, then the first token from the target alone.
         ts = time.perf_counter()
@@ -255,63 +264,90 @@ class SpeculativeDecoder(Decoder):
             logits_at=slice(-1, None),
         )
         first = self._pick(out.logits[0, -1], request)
-        draft_in = (out.hidden, torch.cat([prompt[:, 1:], torch.tensor([[first]], device=device)], 1), 0)
+        # What the drafter has not read yet: the committed positions' hidden states, each paired with its
+        # successor token, from position `start` on. Plain steps add to it; a tree step's draft reads it all.
+        unread = (out.hidden, torch.cat([prompt[:, 1:], torch.tensor([[first]], device=device)], 1), 0)
         sync(device)
         step_times.append(time.perf_counter() - ts)
         emitted, reason = request.stop(generated, [first])
         accept_lengths.append(len(emitted))
         yield emitted
         root = first
+        # The first step's drafter reads the whole prompt whatever was chosen before: no switching margin.
+        spec = policy.choose(1, fresh=True) if policy is not None else None if self._plain else self.tree
 
         while reason is None:
             ts = time.perf_counter()
             start = cache.length  # position of the root
-            with decode_attention(device):
-                if dynamic:
-                    top, probs = drafter.draft_topk_probs(*draft_in, depth, k)  # (D, k) ids, probabilities
-                    order = dynamic_order(probs.tolist(), size, self.tree_prior)
-                    buf = TreeBuffers.of(TreeSpec.canonical(order), device)
-                    drafts = top.reshape(-1)[buf.head * k + buf.rank]
+            if spec is None:  # tree="auto" found no tree that pays for one row at this step
+                ids, positions = torch.tensor([[root]], device=device), torch.tensor([[start]], device=device)
+                out = target.forward(ids, position_ids=positions, cache=cache)
+                logits = out.logits[0, -1]
+                if params.greedy:
+                    bonus = int(logits.argmax())
                 else:
-                    drafts = drafter.draft_topk(*draft_in, depth, k).view(-1)[buf.flat]  # (D, k) ids, gathered
-            tokens = torch.cat([torch.tensor([root], device=device), drafts])  # (N,)
-            if parts is not None:
-                sync(device)
-                t_draft = time.perf_counter()
-            out = target.forward(
-                tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start, buf), cache=cache
-            )
-            logits = out.logits[0]  # (N, V)
-            if parts is not None:
-                sync(device)
-                t_forward = time.perf_counter()
-            if params.greedy:
-                nodes, idx, bonus = verify_greedy(tokens, logits, buf)
-            elif request.acceptance == "typical":
-                nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.sampler, start)
+                    bonus = sample(target_probs(logits, params), request.sampler, start + 1)
+                buf, order, nodes, new = None, None, [0], [bonus]
             else:
-                nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.sampler, start)
-            if parts is not None:
-                sync(device)
+                shape = self._shape(spec.num_nodes)
+                dynamic = shape is not None
+                with decode_attention(device):
+                    if dynamic:  # the best tree of this many nodes for this step's drafts
+                        depth, k = shape
+                        top, probs = drafter.draft_topk_probs(*unread, depth, k)  # (D, k) ids, probabilities
+                        order = dynamic_order(probs.tolist(), spec.num_nodes, self.tree_prior)
+                        buf = TreeBuffers.of(TreeSpec.canonical(order), device)
+                        drafts = top.reshape(-1)[buf.head * k + buf.rank]
+                    else:
+                        buf, order = self._buffers(spec), None
+                        drafts = drafter.draft_topk(*unread, spec.depth, spec.max_rank + 1).view(-1)[buf.flat]
+                tokens = torch.cat([torch.tensor([root], device=device), drafts])  # (N,)
+                if parts is not None:
+                    sync(device)
+                t_draft = time.perf_counter()
+                out = target.forward(
+                    tokens[None], position_ids=(start + buf.depth)[None], attention_mask=mask(start, buf), cache=cache
+                )
+                logits = out.logits[0]  # (N, V)
+                if parts is not None:
+                    sync(device)
+                t_forward = time.perf_counter()
+                if params.greedy:
+                    nodes, idx, bonus = verify_greedy(tokens, logits, buf)
+                elif request.acceptance == "typical":
+                    nodes, idx, bonus = verify_typical(tokens, logits, buf, params, request.sampler, start)
+                else:
+                    nodes, idx, bonus = verify_sampling(tokens, logits, buf, params, request.sampler, start)
+                if parts is not None:
+                    sync(device)
                 t_verify = time.perf_counter()
-            cache.commit(start, idx, nodes)
-            new = tokens[idx[1:]].tolist() + [bonus]
+                cache.commit(start, idx, nodes)
+                new = tokens[idx[1:]].tolist() + [bonus]
             emitted, reason = request.stop(generated, new)
             if reason is not None:  # drop what was accepted past the stop: the cache holds what was emitted
                 cache.truncate(len(request.prompt) + len(generated) - 1)
-            # The drafter gets the committed positions' hidden states paired with their successor tokens.
-            draft_in = (out.hidden[:, idx], torch.tensor([new], device=device), start)
+            hidden = out.hidden if buf is None else out.hidden[:, idx]
+            successors = torch.tensor([new], device=device)
+            if spec is None:
+                unread = (torch.cat([unread[0], hidden], 1), torch.cat([unread[1], successors], 1), unread[2])
+            else:
+                unread = (hidden, successors, start)
             root = bonus
             sync(device)
             te = time.perf_counter()
             step_times.append(te - ts)
-            if self.auto:
-                self.tree_policy.observe(
-                    1, buf.num_nodes, te - ts, len(nodes),
-                    smaller_trees_accepted(order, buf, nodes) if dynamic and params.greedy else None,
+            step_nodes.append(1 if buf is None else buf.num_nodes)
+            if policy is not None:
+                policy.observe(
+                    1, step_nodes[-1], te - ts, len(nodes),
+                    smaller_trees_accepted(order, buf, nodes) if order is not None and params.greedy else None,
                 )
-            if parts is not None:
-                parts.append((t_draft - ts, t_forward - t_draft, t_verify - t_forward, te - t_verify))
+                spec = policy.choose(1)
+            if parts is not None:  # a plain step is all forward: no draft, and one node needs no commit
+                parts.append(
+                    (0.0, te - ts, 0.0, 0.0) if buf is None
+                    else (t_draft - ts, t_forward - t_draft, t_verify - t_forward, te - t_verify)
+                )
             accept_lengths.append(len(emitted))
             yield emitted
         return self._output(request, generated, accept_lengths, reason, t0, step_times)

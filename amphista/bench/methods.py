@@ -40,9 +40,9 @@ class TurnOutput:
     # Per decode step (prefill excluded), seconds in (draft, tree forward, verification, cache commit):
     # speculative methods whose decoder profiles its steps (SpeculativeDecoder.profile_steps); else None.
     step_parts: list[tuple[float, float, float, float]] | None = None
-    # Tokens verified per step (the tree's nodes, root included; 1: plain), speculative methods; else None.
-    # With tree="auto" it is chosen per call, so a turn's steps share it.
-    tree_nodes: int | None = None
+    # Per decode step, the tokens it verified (the tree's nodes, root included; 1: plain decoding), speculative
+    # methods; else None. With tree="auto" the size is chosen step by step.
+    step_nodes: list[int] | None = None
 
 
 @dataclass
@@ -70,9 +70,12 @@ class Method:
         sync(target.device)
         wall = time.perf_counter() - t0
         parts = list(self.runner.last_step_parts) if getattr(self.runner, "profile_steps", False) else None
+        nodes = getattr(self.runner, "last_step_nodes", None)
+        if nodes is None and getattr(self.runner, "tree_nodes", None) is not None:  # a decoder of one tree size
+            nodes = [self.runner.tree_nodes] * (len(out.step_times) - 1)
         return TurnOutput(
             out.new_tokens, wall, list(out.accept_lengths), list(out.step_times), out.finish_reason, parts,
-            getattr(self.runner, "tree_nodes", None),
+            None if nodes is None else list(nodes),
         )
 
 

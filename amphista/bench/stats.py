@@ -79,8 +79,7 @@ def steps_by_tree_nodes(recs: list[Record]) -> dict[str, int] | None:
     smallest first: what tree="auto" chose. None for methods without a tree."""
     counts = Counter()
     for r in recs:
-        if r.out.tree_nodes is not None:
-            counts[r.out.tree_nodes] += len(r.out.step_times) - 1
+        counts.update(r.out.step_nodes or ())
     return {str(n): counts[n] for n in sorted(counts)} if counts else None
 
 
