@@ -159,6 +159,19 @@ def test_a_run_with_methods_passed_as_objects_writes_its_results(target, tmp_pat
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["runs"] == 1
 
 
+def test_results_record_every_setting(target, tmp_path):
+    from dataclasses import fields
+
+    cfg = small(target=target, drafters={}, hf_baseline=False, drafter_dtype="float32", seed=7,
+                extra_methods={"own": amphista.VanillaDecoder(target)}, out=str(tmp_path))
+    run_benchmark(cfg)
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert {f.name for f in fields(cfg)} <= set(settings)  # a new field is on record without a list to extend
+    assert settings["drafter_dtype"] == "float32" and settings["seed"] == 7
+    assert settings["target"] == "TargetModel" and settings["drafters"] == []
+    assert settings["extra_methods"] == ["own"] and settings["questions"] == "list"
+
+
 def test_mismatch_in_plain_transformers_decoding_points_at_numerics():
     from amphista.bench.runner import _warnings
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .. import cli
@@ -306,29 +306,20 @@ def benchmark(cfg: BenchConfig) -> tuple[dict, list[Record]]:
     return results, records
 
 
+# Fields that may hold objects (a model, drafters, custom methods, question lists): recorded by what they name.
+DESCRIBED = ("target", "drafters", "questions", "head_accuracies", "extra_methods", "tree")
+
+
 def _settings_dict(cfg: BenchConfig, questions) -> dict:
-    keep = (
-        "max_new_tokens",
-        "runs",
-        "warmup",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "tree_nodes",
-        "tree_sweep",
-        "tree_shape",
-        "hf_baseline",
-        "device",
-        "dtype",
-        "threads",
-        "limit",
-        "per_category",
-        "step_breakdown",
-    )
     # Not asdict: it deep-copies every field, and a target or custom method passed as an object (weights
-    # packed for the CPU among them) cannot be copied; the run would be lost after all of its answers.
-    d = {k: getattr(cfg, k) for k in keep}
+    # packed for the CPU among them) cannot be copied; the run would be lost after all of its answers. Every
+    # other field is a plain value, recorded as given, so a new setting is on record without a list to extend.
+    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in DESCRIBED}
+    target = cfg.target
+    d["target"] = target if target is None or isinstance(target, str) else type(target).__name__
+    d["drafters"] = None if cfg.drafters is None else list(cfg.drafters)
+    d["head_accuracies"] = list(cfg.head_accuracies)
+    d["extra_methods"] = list(cfg.extra_methods)
     d["tree"] = "default" if cfg.tree is None else cfg.tree if isinstance(cfg.tree, str) else "paths"
     source = _questions_source(cfg)
     d["questions"] = str(questions_path(source)) if _is_path(source) else "list"
