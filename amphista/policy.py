@@ -178,9 +178,14 @@ class TreePolicy:
         fitted = self._gain_candidate
         fitted_shape = self._shape_ratio(fitted.nodes) if fitted is not None else None
         for c, s in zip(self.candidates, self._predicted(rows)):
-            # A tree's own measurements, but never less slowed than the machine is now (see observe).
-            own = self._own(bucket, c.nodes, known) if c.nodes > 1 else None
-            correction = max((v for v in (own, plain) if v is not None), default=0.0)
+            # A tree measured is costed as measured; one not measured yet, from its measured neighbours but never
+            # less slowed than the machine is now (see observe).
+            own = self._log_ratio.get((bucket, c.nodes)) if c.nodes > 1 else None
+            if own is not None:
+                correction = own
+            else:
+                guess = _between(known, c.nodes) if c.nodes > 1 else None
+                correction = max((v for v in (guess, plain) if v is not None), default=0.0)
             tau = c.tau_at(gain)
             shape = self._shape_ratio(c.nodes) if fitted_shape and c.nodes > 1 else None
             if shape is not None:  # measured on the same steps as the tree the gain was fit to
@@ -264,9 +269,9 @@ class TreePolicy:
         """Feed back a measured step time, so that a calibration that is off (another process on the cores,
         a cache length unlike the calibration's) heals. Per (rows bucket, nodes), a moving average of
         log(measured / predicted) rescales that candidate's predicted cost: a tree slower than predicted
-        loses to the next best, which is then measured in turn. Plain decoding's average is a floor for every
-        candidate of its bucket (it measures the machine: a slower machine slows every step alike), so a tree
-        is costed at the larger of its own average and plain decoding's. One observation pulls the average by at
+        loses to the next best, which is then measured in turn. A tree measured is costed by its own average; a
+        size not measured yet by its measured neighbours', floored by plain decoding's (a slower machine slows
+        every step, and sizes nobody measured must not look cheaper for it). One observation pulls the average by at
         most ALPHA * STEP (a 10x hiccup moves it 7%). Only the chosen candidate is measured, so the other trees'
         corrections relax toward the chosen tree's (RELAX: half-life ~200 tree steps of their bucket), and the
         rest toward none (FORGET: plain decoding's at tree steps, the trees' at plain steps; ~3,500): a tree
@@ -318,10 +323,12 @@ class TreePolicy:
                 self._update_gain()
         sample = math.log(seconds / self._predicted(rows)[self._index[nodes]])
         bucket = _bucket(rows)
-        # Plain steps measure the machine: a tree is costed at the larger of its own correction and plain
-        # decoding's (_rates), so a machine that slows down while decoding plainly does not make trees measured
-        # before look cheaper. Corrections are absolute, not relative to plain decoding's: added to it, a
-        # slowdown the trees measured first would count twice and keep them out for good.
+        # Plain steps measure the machine: a size not measured yet is costed at least at plain decoding's
+        # correction (_rates), so a machine that slows down while decoding plainly does not make trees nobody
+        # measured look cheaper. A measured tree is not floored: a machine can slow a one-token step more than a
+        # tree's (memory contention), and floored, trees that paid 1.2x were costed at the one-token step's
+        # slowdown and kept out for good. Corrections are absolute, not relative to plain decoding's: added to
+        # it, a slowdown the trees measured first would count twice and keep them out for good.
         # A size measured for the first time starts from what it was costed at (interpolated), not from none.
         own = self._own(bucket, nodes) if nodes > 1 else self._log_ratio.get((bucket, 1), 0.0)
         own += self.ALPHA * min(max(sample - own, -self.STEP), self.STEP)
