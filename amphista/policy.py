@@ -253,7 +253,7 @@ class TreePolicy:
     def choose(self, rows: int, fresh: bool = False, ragged: bool = True) -> TreeSpec | None:
         """The tree for a step with `rows` live rows, or None for plain decoding. `fresh`: the choice is for
         new sequences, whose drafter reads the prompt whatever was chosen before, so leaving plain decoding
-        costs no catch-up draft and needs no SWITCH margin (the single-sequence path chooses per call).
+        costs no catch-up draft and needs no SWITCH margin (a sequence's first step).
         `ragged`: the rows are a fixed set that all have to finish (see margin)."""
         if fresh:
             return self._best(rows, fresh=True, ragged=ragged).tree
