@@ -68,7 +68,8 @@ def auto_policy(decoder: SpeculativeDecoder):
     decoder.tree_policy = policy  # the timer's engine sizes its cache by the largest candidate
     timer = StepTimer(decoder, max(ROWS))
     cost = load_or_calibrate(key, lambda rows, nodes: timer.step(rows, trees[nodes]), tokens=tuple(trees), overhead_s=0.0)
-    return TreePolicy(cost, accuracies, max_depth=drafter.num_heads)
+    switch = None if getattr(drafter, "keeps_state", True) else 0.0  # no catch-up draft to pay for
+    return TreePolicy(cost, accuracies, max_depth=drafter.num_heads, switch=switch)
 
 
 class TreeMask:

@@ -95,7 +95,8 @@ class TreePolicy:
     TAIL = 0.113
     # After a plain step, a tree must beat plain decoding by this much more, whatever the row count: the first tree
     # step after plain ones drafts from every position the drafter has not seen (up to BatchEngine.CATCH_UP),
-    # and a policy flipping on noise would pay that again and again.
+    # and a policy flipping on noise would pay that again and again. A drafter that keeps no state (Medusa) has no
+    # such draft: auto_policy gives its policy switch=0.
     SWITCH = 0.15
     REVISIT = 8  # observations between two rankings of the candidates
     # One ranking in EXPLORE_EVERY tries, instead of the best tree, the tree measured least lately among those
@@ -124,12 +125,17 @@ class TreePolicy:
     SHAPE_ALPHA = 0.02
     SHAPE_MIN = 16
 
-    def __init__(self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64):
+    def __init__(
+        self, cost: CostModel, accuracies, max_depth: int | None = None, max_nodes: int = 64, switch: float | None = None
+    ):
+        """`switch`: the SWITCH margin for leaving plain decoding; 0 for a drafter that keeps no state (its first
+        draft after plain steps reads one position, as any other)."""
         acc = list(accuracies)[: max_depth or None]
         paths = getattr(accuracies, "paths", None)
         if paths is not None:
             acc = HeadAccuracy(acc, {p: f for p, f in paths.items() if len(p) <= len(acc)})
         self.cost = cost
+        self.switch = self.SWITCH if switch is None else switch
         self.candidates = [Candidate(1, None, 1.0)]
         for n in TREE_SIZES:
             if n > max_nodes:
@@ -226,7 +232,7 @@ class TreePolicy:
         rates, best = self._rates(rows), 0
         margin = self.margin(rows, ragged)
         if switching:  # leaving plain decoding costs a catch-up draft: no flapping
-            margin += self.SWITCH
+            margin += self.switch
         # Ties go to the smaller tree; a tree that commits a single token never wins, and a tree must beat plain
         # decoding by margin(rows).
         pays = [

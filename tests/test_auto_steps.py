@@ -122,3 +122,17 @@ def test_after_plain_steps_the_drafter_has_read_every_committed_position(kind):
             torch.testing.assert_close(
                 mine.attn.kv_cache[..., :length, :], ref.attn.kv_cache[..., :length, :], atol=1e-4, rtol=1e-4
             )
+
+
+def test_only_a_drafter_with_state_pays_a_margin_to_leave_plain_decoding():
+    # The SWITCH margin is for the catch-up draft after plain steps: Medusa's drafts read the last position
+    # only, so it has none to pay for, and its `auto` leaves plain decoding as soon as a tree pays.
+    target = TargetModel(tiny_target("llama", seed=3))
+    medusa, amphista_sal = MedusaDrafter.for_target(target), AmphistaDrafter.for_target(target)
+    assert not medusa.keeps_state and amphista_sal.keeps_state
+    assert not AmphistaDrafter.for_target(target, use_sal=False).keeps_state
+    policies = {
+        name: amphista.SpeculativeDecoder(target, d, tree="auto", accuracies=ACCURACIES).tree_policy
+        for name, d in (("medusa", medusa), ("amphista", amphista_sal))
+    }
+    assert policies["medusa"].switch == 0.0 and policies["amphista"].switch == policies["amphista"].SWITCH > 0

@@ -345,6 +345,9 @@ def test_a_new_sequence_leaves_plain_decoding_without_the_switch_margin():
     assert policy.choose(1) is None  # 14% < SINGLE_MARGIN + SWITCH
     assert policy.choose(1, fresh=True) is not None  # a new sequence's drafter reads its prompt anyway
     assert policy.choose(1) is None  # and the batched choice is unchanged
+    stateless = TreePolicy(model(tree_cost), GOOD, switch=0.0)  # a drafter with no catch-up draft to pay for
+    stateless._was_plain = True
+    assert stateless.choose(1) is not None
 
 
 def test_the_margin_grows_with_the_expected_lag_of_the_slowest_row():

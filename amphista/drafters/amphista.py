@@ -144,6 +144,11 @@ class AmphistaDrafter(HeadDrafter):
         return self.project(self._heads(a, decode=True)[:, :depth])  # (B, depth, N)
 
     @property
+    def keeps_state(self) -> bool:
+        """Only SAL keeps what was drafted from; without it a draft reads the last hidden state only."""
+        return self.sal is not None
+
+    @property
     def cache_length(self) -> int:
         """Committed positions in the SAL cache (0 without SAL)."""
         return 0 if self.sal is None else self.sal.length

@@ -44,6 +44,9 @@ class Drafter(nn.Module):
     hidden_size: int
     vocab_size: int
     supports_rows: bool = False  # True where reset_rows, draft_rows and move_row are implemented
+    # Whether a draft reads positions before the last one (a cache it appends to): then the first draft after
+    # plain steps has all of theirs to read, which `tree="auto"` weighs before leaving plain decoding.
+    keeps_state: bool = True
 
     def reset(self, max_length: int) -> None:
         """Forget the previous sequence; make room for `max_length` committed positions."""

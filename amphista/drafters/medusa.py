@@ -22,6 +22,7 @@ class MedusaDrafter(HeadDrafter):
     """
 
     drafter_type = "medusa"
+    keeps_state = False  # every draft reads the last hidden state only
     config_class = MedusaConfig
     supports_rows = True
 
