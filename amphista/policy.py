@@ -186,12 +186,10 @@ class TreePolicy:
         for c, s in zip(self.candidates, self._predicted(rows)):
             # A tree measured is costed as measured; one not measured yet, from its measured neighbours but never
             # less slowed than the machine is now (see observe).
-            own = self._log_ratio.get((bucket, c.nodes)) if c.nodes > 1 else None
-            if own is not None:
-                correction = own
-            else:
-                guess = _between(known, c.nodes) if c.nodes > 1 else None
-                correction = max((v for v in (guess, plain) if v is not None), default=0.0)
+            correction = 0.0 if plain is None else plain
+            if c.nodes > 1:
+                own = self._own(bucket, c.nodes, known)
+                correction = own if (bucket, c.nodes) in self._log_ratio else max(own, correction)
             tau = c.tau_at(gain)
             shape = self._shape_ratio(c.nodes) if fitted_shape and c.nodes > 1 else None
             if shape is not None:  # measured on the same steps as the tree the gain was fit to

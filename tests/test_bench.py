@@ -163,9 +163,10 @@ def test_results_record_every_setting(target, tmp_path):
     from dataclasses import fields
 
     cfg = small(target=target, drafters={}, hf_baseline=False, drafter_dtype="float32", seed=7,
-                extra_methods={"own": amphista.VanillaDecoder(target)}, out=str(tmp_path))
+                extra_methods={"own": amphista.VanillaDecoder(target)}, out=tmp_path)  # a Path, not a str
     run_benchmark(cfg)
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert settings["out"] == str(tmp_path)
     assert {f.name for f in fields(cfg)} <= set(settings)  # a new field is on record without a list to extend
     assert settings["drafter_dtype"] == "float32" and settings["seed"] == 7
     assert settings["target"] == "TargetModel" and settings["drafters"] == []

@@ -414,21 +414,6 @@ def test_a_machine_slowing_down_under_plain_decoding_does_not_switch_to_trees():
     assert max(rates[1:]) / rates[0] == pytest.approx(1.2, rel=0.01)
 
 
-def simulate(policy, real, steps, seed, accept=1.0, slow=lambda step: 1.0):
-    """Decode `steps` steps of one row with `policy` on a machine whose n-node step takes real(n) seconds (5%
-    noise, times slow(step)); drafts accepted `accept` times as often as the accuracies promise. Returns the
-    (nodes, committed tokens, seconds) of every step."""
-    rng, steps_run = random.Random(seed), []
-    for step in range(steps):
-        tree = policy.choose(1, fresh=step == 0)
-        nodes = 1 if tree is None else tree.num_nodes
-        tokens = 1.0 + (policy.candidates[policy._index[nodes]].tau - 1.0) * accept
-        seconds = real(nodes) * slow(step) * math.exp(rng.gauss(0.0, 0.05))
-        policy.observe(1, nodes, seconds, tokens=tokens)
-        steps_run.append((nodes, tokens, seconds))
-    return steps_run
-
-
 def test_trees_measured_cheaper_relative_to_plain_decoding_than_calibrated_are_chosen():
     # A 2-core VM without AVX-512, decoding SmolLM2: the calibration's fastest one-token forward took 58 ms and a
     # 4-node tree 83, but under decoding the one-token step took 89 ms and the tree 103 (memory contention slows
@@ -484,6 +469,21 @@ def test_a_uniform_slowdown_does_not_send_the_choice_to_sizes_not_measured_yet()
     assert _between([(1, 0.0), (8, 0.12)], 16) == 0.12  # the largest measured one's beyond it
 
 
+def simulate(policy, real, steps, seed, accept=1.0, slow=lambda step: 1.0):
+    """Decode `steps` steps of one row with `policy` on a machine whose n-node step takes real(n) seconds (5%
+    noise, times slow(step)); drafts accepted `accept` times as often as the accuracies promise. Returns the
+    (nodes, committed tokens, seconds) of every step."""
+    rng, steps_run = random.Random(seed), []
+    for step in range(steps):
+        tree = policy.choose(1, fresh=step == 0)
+        nodes = 1 if tree is None else tree.num_nodes
+        tokens = 1.0 + (policy.candidates[policy._index[nodes]].tau - 1.0) * accept
+        seconds = real(nodes) * slow(step) * math.exp(rng.gauss(0.0, 0.05))
+        policy.observe(1, nodes, seconds, tokens=tokens)
+        steps_run.append((nodes, tokens, seconds))
+    return steps_run
+
+
 def test_a_passing_slowdown_does_not_leave_the_trees_it_hit_behind_for_good():
     # One row, a right calibration, steps 5% noisy; 60 steps run 30% slow (another process for a moment). The
     # trees measured then carry the penalty; relaxing it only toward zero (half-life ~3,500 steps) left the
@@ -493,18 +493,10 @@ def test_a_passing_slowdown_does_not_leave_the_trees_it_hit_behind_for_good():
         return 1.4e-3 if nodes == 1 else 2.0e-3 + 4.5e-5 * nodes
 
     def efficiency_after_the_slowdown(seed):
-        rng = random.Random(seed)
         policy = TreePolicy(model(lambda r, t: real(t)), GOOD)
-        tau = {c.nodes: c.tau for c in policy.candidates}
-        best = max(tau[n] / real(n) for n in tau)
-        after = []
-        for step in range(1500):
-            tree = policy.choose(1)
-            nodes = 1 if tree is None else tree.num_nodes
-            slow = 1.3 if 100 <= step < 160 else 1.0
-            policy.observe(1, nodes, real(nodes) * slow * math.exp(rng.gauss(0.0, 0.05)), tokens=tau[nodes])
-            if step >= 160:
-                after.append(tau[nodes] / real(nodes) / best)
+        best = max(c.tau / real(c.nodes) for c in policy.candidates)
+        run = simulate(policy, real, 1500, seed, slow=lambda step: 1.3 if 100 <= step < 160 else 1.0)
+        after = [tokens / real(nodes) / best for nodes, tokens, _ in run[160:]]
         return sum(after) / len(after)
 
     runs = [efficiency_after_the_slowdown(seed) for seed in range(8)]

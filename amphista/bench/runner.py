@@ -310,12 +310,18 @@ def benchmark(cfg: BenchConfig) -> tuple[dict, list[Record]]:
 DESCRIBED = ("target", "drafters", "questions", "head_accuracies", "extra_methods", "tree")
 
 
+def _plain(value):
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
 def _settings_dict(cfg: BenchConfig, questions) -> dict:
     # Not asdict: it deep-copies every field, and a target or custom method passed as an object (weights
     # packed for the CPU among them) cannot be copied; the run would be lost after all of its answers. Every
     # other field is a plain value, recorded as given, so a new setting is on record without a list to extend.
-    d = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in DESCRIBED}
-    target = cfg.target
+    # A path (an `out` folder given as a Path) is recorded as its string: json cannot write it, and failing
+    # there would lose the run.
+    d = {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg) if f.name not in DESCRIBED}
+    target = _plain(cfg.target)
     d["target"] = target if target is None or isinstance(target, str) else type(target).__name__
     d["drafters"] = None if cfg.drafters is None else list(cfg.drafters)
     d["head_accuracies"] = list(cfg.head_accuracies)
