@@ -47,6 +47,20 @@ def load_default_target(dtype: torch.dtype | None = None) -> TargetModel:
     return TargetModel(model, tokenizer)
 
 
+def load_target(spec=None, dtype="auto", device=None) -> TargetModel:
+    """The target a command's --target, --dtype and --device name: None for the bundled model (float32 for
+    "auto"), else a folder, a .gguf file or a known name (`TargetModel.load`)."""
+    from .target import TargetModel, parse_device, parse_dtype
+
+    if spec is not None:
+        return TargetModel.load(spec, dtype=dtype, device=device)
+    dtype, device = parse_dtype(dtype), parse_device(device) if device is not None else None
+    target = load_default_target(None if dtype == "auto" else dtype)
+    if device is not None:
+        target.model.to(device)
+    return target
+
+
 BUNDLED_DRAFTERS = ("medusa", "amphista")
 
 

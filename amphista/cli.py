@@ -76,6 +76,26 @@ def add_drafter_dtype(p: argparse.ArgumentParser) -> None:
     )
 
 
+# --dtype's choices: the keys of target.DTYPE_NAMES, spelled out here so that parsing needs no torch.
+TARGET_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype` for the target, the same for every command that loads one."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the target runs: cpu, cuda, cuda:1, mps, ... (default: cpu); drafters follow it",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=TARGET_DTYPES,
+        help="the target's weights: auto keeps the saved dtype (float32 for the bundled model and the "
+        "converted GGUF targets); bfloat16 or float16 on a GPU",
+    )
+
+
 # --tree-shape -> SpeculativeDecoder's `dynamic` (None: dynamic trees with --tree auto, static otherwise).
 TREE_SHAPES = {"default": None, "static": False, "dynamic": True}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .cli import HelpFormatter, int_range, positive_int
+from .cli import HelpFormatter, add_placement, int_range, positive_int
 
 # (prompts, max new tokens, runs): the bundled model decodes ~1000 tokens/s; a 135M chat model ~20, so
 # there the demo answers fewer, shorter prompts once to finish in about a minute.
@@ -75,6 +75,7 @@ def add_parser(sub) -> None:
         type=positive_int,
         help="torch CPU threads (default: the count measured fastest for the target here, as in generate)",
     )
+    add_placement(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON (results.json schema)")
     p.set_defaults(func=run_demo)
 
@@ -128,6 +129,8 @@ def run_demo(args) -> int:
         tree=args.tree,
         tree_nodes=args.tree_nodes,
         threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
         progress=not args.json,
         plots=False,
     )

@@ -113,6 +113,51 @@ EXPECTED_TARGET = (
 )
 
 
+# What --dtype and `TargetModel.load(dtype=)` accept: "auto" keeps the dtype the weights were saved in.
+DTYPE_NAMES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | str:
+    """A torch floating dtype, or "auto", for a dtype or its name; an InputError naming the choices."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype.lower()]
+    raise InputError(f"unknown dtype {dtype!r} for the target: use one of {', '.join(DTYPE_NAMES)}")
+
+
+def parse_device(device) -> torch.device:
+    """`device` (a name such as "cpu", "cuda", "cuda:1", "mps", or a torch.device) checked against this
+    machine: an InputError that names the fix, instead of a failure deep inside the first forward."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:N (a GPU's index) or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+            raise InputError(
+                f"device {str(device)!r}: torch {torch.__version__} ({build}) sees no CUDA GPU on this machine; "
+                "use --device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
+        if device.index is not None and device.index >= count:
+            raise InputError(
+                f"device {str(device)!r}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {str(device)!r}: this machine has no MPS (Apple GPU) backend; use --device cpu")
+    return device
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
 
@@ -182,12 +227,17 @@ class TargetModel:
         file, or a known name (`smollm2-135m-instruct`); a GGUF file is converted once to a cached folder
         (see `amphista.sources`).
 
+        `dtype`: "auto" (as saved), a floating torch dtype or its name (`DTYPE_NAMES`); `device`: where the
+        weights go (default: the CPU), checked against this machine first.
+
         Raises InputError, naming what is wrong and what was expected, for a path that is not such a folder
-        (missing, empty, an amphista drafter, a model that is not a causal LM, no weights)."""
+        (missing, empty, an amphista drafter, a model that is not a causal LM, no weights), an unknown dtype,
+        or a device this machine does not have."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .sources import resolve_target
 
+        dtype, device = parse_dtype(dtype), parse_device(device) if device is not None else None
         given = os.fspath(path)
         path = str(resolve_target(given))
         config = check_model_dir(path)

@@ -329,3 +329,21 @@ def test_generate_and_serve_take_the_drafters_shipped_for_the_target(monkeypatch
     assert "not installed: vanilla decoding" in capsys.readouterr().err
     assert load_drafter_arg(None, target, str(tmp_path / "some-model")) == (None, None)
     assert "no drafters are shipped for this target" in capsys.readouterr().err
+
+
+def test_a_drafter_name_is_not_shadowed_by_a_folder_that_holds_no_drafter(monkeypatch, tmp_path):
+    """From a checkout's root, `--drafter amphista` is the shipped drafter, not the package folder."""
+    import shutil
+
+    from amphista import bundled
+    from amphista.bench.questions import bundled_questions_path, questions_path
+    from amphista.serve.loading import load_drafter_arg
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "amphista").mkdir()
+    (tmp_path / "mt_bench").mkdir()
+    shutil.copytree(bundled.default_drafter_path("medusa"), tmp_path / "medusa")
+    target = bundled.load_default_target()
+    assert load_drafter_arg("amphista", target)[1] == bundled.default_drafter_path("amphista")
+    assert load_drafter_arg("medusa", target)[1] == tmp_path.joinpath("medusa").relative_to(tmp_path)
+    assert questions_path("mt_bench") == bundled_questions_path("mt_bench")

@@ -6,7 +6,15 @@ import json
 import sys
 
 from ..bundled import FALLBACK_TREE
-from ..cli import HelpFormatter, add_drafter_dtype, add_tree_shape, float_range, int_range, positive_int
+from ..cli import (
+    HelpFormatter,
+    add_drafter_dtype,
+    add_placement,
+    add_tree_shape,
+    float_range,
+    int_range,
+    positive_int,
+)
 from ..errors import InputError
 
 
@@ -101,8 +109,7 @@ def add_parser(sub) -> None:
         help="head accuracies for a drafter (default: head_accuracy.json in its folder)",
     )
     p.add_argument("--no-hf-baseline", action="store_true", help="skip transformers generate() as a baseline")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: where the model loads)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    add_placement(p)
     p.add_argument(
         "--threads",
         type=positive_int,

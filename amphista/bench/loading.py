@@ -10,25 +10,14 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from .. import bundled
 from ..errors import CheckpointError, DrafterMismatchError, InputError
-from ..target import EXPECTED_TARGET, TargetModel, check_model_dir
+from ..target import EXPECTED_TARGET, TargetModel, check_model_dir, parse_device
 from ..tree import TreeSpec, build_tree, load_accuracies
 
 BUNDLED_DRAFTERS = ("medusa", "amphista")
 TRAIN_SCRIPT = "bash scripts/train_bundled_drafters.sh"
 ACCURACY_FILE = "head_accuracy.json"
-DTYPES = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def bundled_drafter_dir(name: str) -> Path:
@@ -88,25 +77,15 @@ def parse_drafter_args(values: list[str] | None) -> dict[str, str]:
     return out
 
 
-def dtype_of(name) -> torch.dtype | str:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def load_target(spec, device: str | None = None, dtype="auto") -> TargetModel:
-    """None: the bundled model; a folder: a Hugging Face model; a TargetModel or a transformers model."""
-    dt = dtype_of(dtype)
-    if spec is None:
-        target = bundled.load_default_target(torch.float32 if dt == "auto" else dt)
-    elif isinstance(spec, (str, os.PathLike)):
-        target = TargetModel.load(spec, dtype=dt)
+    """None: the bundled model; a folder, .gguf file or known name; or a TargetModel / transformers model
+    (its own dtype, moved to `device` when one is given)."""
+    if spec is None or isinstance(spec, (str, os.PathLike)):
+        target = bundled.load_target(spec, dtype, device)
     else:
         target = TargetModel.wrap(spec)
-    if device:
-        target.model.to(device)
+        if device:
+            target.model.to(parse_device(device))
     if target.tokenizer is None:
         raise InputError("the target has no tokenizer: benchmark questions are text, load a folder with one")
     return target

@@ -51,7 +51,7 @@ def default_questions_path() -> Path:
 def questions_path(source: str | Path) -> Path:
     """A bundled set's name or a file path -> the file (an existing file wins over a name)."""
     text = str(source)
-    if text in BUNDLED_QUESTIONS and not Path(text).exists():
+    if text in BUNDLED_QUESTIONS and not Path(text).is_file():
         return bundled_questions_path(text)
     return Path(source)
 

@@ -8,7 +8,15 @@ import signal
 import sys
 import threading
 
-from ..cli import HelpFormatter, add_drafter_dtype, add_tree_shape, float_range, int_range, positive_int
+from ..cli import (
+    HelpFormatter,
+    add_drafter_dtype,
+    add_placement,
+    add_tree_shape,
+    float_range,
+    int_range,
+    positive_int,
+)
 from ..errors import InputError
 
 API_KEY_ENV = "AMPHISTA_API_KEY"
@@ -54,6 +62,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "among 1, 2, 4, ... up to the usable cores; measured once, then cached)",
     )
     add_drafter_dtype(p)
+    add_placement(p)
 
 
 def _set_threads(args) -> None:
@@ -184,8 +193,9 @@ def run_generate(args) -> int:
 
     _set_threads(args)
     decoder = load_decoder(
-        args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype, args.tree_shape
-    )
+        args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype, args.tree_shape,
+        args.device, args.dtype,
+    )  # fmt: skip
     return chat(decoder, args) if args.chat else complete(decoder, args, prompt)
 
 
@@ -207,8 +217,9 @@ def run_serve(args) -> int:
         )
     _set_threads(args)
     decoder = load_decoder(
-        args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype, args.tree_shape
-    )
+        args.target, args.drafter, args.tree, args.tree_nodes, args.threads, args.drafter_dtype, args.tree_shape,
+        args.device, args.dtype,
+    )  # fmt: skip
     app = create_app(
         decoder,
         model_name=args.model_name,

@@ -28,8 +28,8 @@ DEFAULT_TREE = bundled.FALLBACK_TREE  # for a drafter without head accuracies
 ACCURACY_FILE = "head_accuracy.json"
 
 
-def load_target(path: str | None) -> TargetModel:
-    target = bundled.load_default_target() if path is None else TargetModel.load(path)
+def load_target(path: str | None, device: str | None = None, dtype="auto") -> TargetModel:
+    target = bundled.load_target(path, dtype, device)
     if target.tokenizer is None:
         raise InputError(
             f"the target at {path} has no tokenizer: text generation needs tokenizer files there"
@@ -57,7 +57,8 @@ def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | N
             print(f"amphista: no --drafter given and {why}: vanilla decoding", file=sys.stderr)
             return None, None
         path = shipped["amphista"]
-    elif spec in bundled.BUNDLED_DRAFTERS and not Path(spec).exists():
+    # A folder of that name wins only if it holds a drafter: from a checkout's root "amphista" is the package.
+    elif spec in bundled.BUNDLED_DRAFTERS and not (Path(spec) / "config.json").is_file():
         path = bundled.default_drafter_path(spec, target_spec)
     else:
         path = Path(spec)
@@ -86,10 +87,12 @@ def load_decoder(
     threads: int | None = None,
     drafter_dtype="auto",
     tree_shape: str = "default",
+    device: str | None = None,
+    dtype="auto",
 ) -> Decoder:
     from ..threads import set_threads
 
-    target = load_target(target_path)
+    target = load_target(target_path, device, dtype)
     set_threads(target, threads)  # before tree="auto" measures step costs, which depend on it
     drafter, path = load_drafter_arg(drafter_spec, target, target_path, drafter_dtype)
     if drafter is None:

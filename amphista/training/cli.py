@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 
-from ..cli import HelpFormatter, float_range, int_range, positive_int
+from ..cli import HelpFormatter, add_placement, float_range, int_range, positive_int
 from ..errors import InputError
 from .config import DRAFTERS, TrainConfig, apply_overrides
 
@@ -51,6 +51,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_placement(p)
     p.set_defaults(func=run_distill)
 
     p = subparsers.add_parser(
@@ -156,6 +157,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward")
     p.add_argument("--json", default=None, help="also write the result here (head_accuracy.json format)")
+    add_placement(p)
     p.set_defaults(func=run_heads_accuracy)
 
 
@@ -175,7 +177,7 @@ def run_distill(args: argparse.Namespace) -> int:
         target=target_path(args.target), prompts=args.prompts, out=args.out, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         num_samples=args.num_samples, mode=args.mode, system=args.system, max_prompts=args.max_prompts,
-        seed=args.seed, progress=not args.no_progress,
+        seed=args.seed, progress=not args.no_progress, device=args.device, dtype=args.dtype,
     )  # fmt: skip
     stats = distill(cfg)
     rate = stats["new_tokens"] / max(stats["seconds"], 1e-9)
@@ -304,7 +306,7 @@ def run_heads_accuracy(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output(args.json, "--json", folder=False, example="head_accuracy.json")
-    target = TargetModel.load(target_path(args.target))
+    target = TargetModel.load(target_path(args.target), dtype=args.dtype, device=args.device)
     drafter = drafters.load_drafter(args.drafter, target).to(target.device)
     examples, reports = load_examples(args.data, target.tokenizer, args.seq_len)
     for report in reports:

@@ -43,6 +43,8 @@ class DistillConfig:
     max_prompts: int | None = None
     seed: int = 0
     progress: bool = True
+    device: str | None = None  # where the target runs (default: the CPU)
+    dtype: str = "auto"  # the target's weights (target.DTYPE_NAMES); auto: as saved
 
 
 @dataclass
@@ -194,7 +196,9 @@ def distill(cfg: DistillConfig, target=None) -> dict:
     check_settings(cfg)
     check_output(cfg.out, "--out", folder=False)
     prompts = read_prompts(cfg.prompts)[: cfg.max_prompts]
-    target = TargetModel.wrap(target if target is not None else TargetModel.load(cfg.target))
+    if target is None:
+        target = TargetModel.load(cfg.target, dtype=cfg.dtype, device=cfg.device)
+    target = TargetModel.wrap(target)
     tok = target.tokenizer
     if tok is None:
         raise InputError("the target has no tokenizer: save one in the target folder")
