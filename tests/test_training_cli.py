@@ -177,6 +177,7 @@ def test_target_defaults_to_the_bundled_model():
         (["--set", "log_every=0"], "log_every"),
         (["--set", "warmup_ratio=2"], "warmup_ratio"),
         (["--set", "lr=-0.5"], "--lr"),
+        (["--set", "target_dtype=int8"], "target_dtype"),
     ],
 )
 def test_bad_training_settings_name_the_flag(tmp_path, capsys, no_models, argv, flag):

@@ -9,6 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from ..cli import TARGET_DTYPES
 from ..errors import InputError
 
 DRAFTERS = ("amphista", "medusa")
@@ -125,7 +126,7 @@ class TrainConfig:
 
     # machinery
     mixed_precision: str = "auto"  # no | bf16 | fp16; auto: bf16 on CUDA or a CPU with native bf16, else no
-    target_dtype: str = "auto"
+    target_dtype: str = "auto"  # the target's weights (target.DTYPE_NAMES); auto: as saved
     seed: int = 0
     log_every: int = 10
     save_every: int = 200  # checkpoint every N optimizer steps (and always at the end); 0: end only
@@ -167,6 +168,10 @@ class TrainConfig:
         if self.feature_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(
                 f"feature_dtype is {self.feature_dtype!r}: use auto, float32, float16 or bfloat16 (--set feature_dtype=...)"
+            )
+        if not isinstance(self.target_dtype, str) or self.target_dtype.lower() not in TARGET_DTYPES:
+            raise InputError(
+                f"target_dtype is {self.target_dtype!r}: use one of {', '.join(TARGET_DTYPES)} (--set target_dtype=...)"
             )
         if self.feature_cache is not None and not isinstance(self.feature_cache, str):
             raise InputError(
