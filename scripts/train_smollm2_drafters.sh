@@ -47,6 +47,10 @@ NEW_B=${NEW_B:-1248}
 FOURTH_EPOCH=${FOURTH_EPOCH:-1}
 OPEN_A=${OPEN_A:-640}
 OPEN_B=${OPEN_B:-640}
+# On a GPU machine: DEVICE=cuda (the distillations; training goes where accelerate puts it, the GPU) and a
+# larger DISTILL_BATCH. The CPU recipe above is what made the shipped drafters.
+DEVICE=${DEVICE:-cpu}
+DISTILL_BATCH=${DISTILL_BATCH:-64}
 AMPHISTA=${AMPHISTA:-amphista}
 PYTHON=${PYTHON:-python}
 TARGET=smollm2-135m-instruct
@@ -72,7 +76,8 @@ for name, part in (("prompts_a", prompts[:6000]), ("prompts_b", prompts[6000:120
 EOF
 
 distill() {  # distill PROMPTS OUT MAX_PROMPTS
-    "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/$1" --out "$RUN_DIR/$2" --batch-size 64 \
+    "$AMPHISTA" distill --target "$TARGET" --prompts "$RUN_DIR/$1" --out "$RUN_DIR/$2" --batch-size "$DISTILL_BATCH" \
+        --device "$DEVICE" \
         --max-new-tokens 192 --temperature 0 --max-prompts "$3" --no-progress
 }
 # The held-out answers on the core whose set is smaller.
