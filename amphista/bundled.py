@@ -111,9 +111,11 @@ def target_name(target) -> str | None:
         return STORIES
     if not isinstance(target, (str, os.PathLike)):
         return None
+    from .sources import holds_model
+
     text = os.fspath(target)
     for name in SHIPPED_DRAFTERS:
-        if text.lower() == name.lower() and not Path(text).exists():
+        if text.lower() == name.lower() and not holds_model(Path(text)):
             return name
     try:
         if Path(text).resolve() == default_target_path():

