@@ -64,6 +64,14 @@ def load_target(spec=None, dtype="auto", device=None) -> TargetModel:
 BUNDLED_DRAFTERS = ("medusa", "amphista")
 
 
+def drafter_folder(spec: str | os.PathLike, target=None) -> Path:
+    """A --drafter value as a folder: "medusa" or "amphista" is the drafter of that kind shipped for `target`,
+    unless a folder of that name holds a drafter (from a checkout's root, "amphista" is the package)."""
+    if os.fspath(spec) in BUNDLED_DRAFTERS and not (Path(spec) / "config.json").is_file():
+        return default_drafter_path(os.fspath(spec), target)
+    return Path(spec)
+
+
 def default_drafter_path(name: str = "amphista", target=None) -> Path:
     """The folder of a drafter shipped for `target` (default: the bundled model): "medusa" or "amphista"."""
     if name not in BUNDLED_DRAFTERS:

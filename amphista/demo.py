@@ -114,7 +114,7 @@ def run_demo(args) -> int:
         given if given is not None else default
         for given, default in zip((args.prompts, args.max_new_tokens, args.runs), sizes)
     )
-    drafters = parse_drafter_args(args.drafter) if args.drafter else None
+    drafters = parse_drafter_args(args.drafter, args.target) if args.drafter else None
     if chat and drafters is None:
         drafters = shipped_drafters(args.target)
         if not drafters:

@@ -347,3 +347,10 @@ def test_a_drafter_name_is_not_shadowed_by_a_folder_that_holds_no_drafter(monkey
     assert load_drafter_arg("amphista", target)[1] == bundled.default_drafter_path("amphista")
     assert load_drafter_arg("medusa", target)[1] == tmp_path.joinpath("medusa").relative_to(tmp_path)
     assert questions_path("mt_bench") == bundled_questions_path("mt_bench")
+
+    from amphista.bench.loading import parse_drafter_args
+
+    shipped = {kind: str(bundled.default_drafter_path(kind)) for kind in ("amphista", "medusa")}
+    assert parse_drafter_args(["amphista", "mine=medusa"]) == {"amphista": shipped["amphista"], "mine": "medusa"}
+    chat = parse_drafter_args(["amphista"], "smollm2-135m-instruct")["amphista"]
+    assert chat == str(bundled.default_drafter_path("amphista", "smollm2-135m-instruct")) != shipped["amphista"]

@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
         "--drafter",
         action="append",
         metavar="NAME=DIR",
-        help="a drafter folder, repeatable (default: the medusa and amphista drafters shipped for the target, "
-        "when there are any)",
+        help="a drafter folder, repeatable; DIR 'medusa' or 'amphista': the one shipped for the target (default: the "
+        "medusa and amphista drafters shipped for the target, when there are any)",
     )
     p.add_argument(
         "--questions",
@@ -176,7 +176,7 @@ def config_from_args(args):
     from . import loading
     from .runner import BenchConfig
 
-    drafters = loading.parse_drafter_args(args.drafter) if args.drafter else None
+    drafters = loading.parse_drafter_args(args.drafter, args.target) if args.drafter else None
     return BenchConfig(
         target=args.target,
         drafters=drafters,
@@ -237,7 +237,7 @@ def run_batch_bench(args) -> int:
         print(f"amphista bench: {loading.drafter_note(args.target)}", file=sys.stderr)
     cfg = BatchBenchConfig(
         target=args.target,
-        drafters=loading.parse_drafter_args(args.drafter) if args.drafter else None,
+        drafters=loading.parse_drafter_args(args.drafter, args.target) if args.drafter else None,
         questions=args.questions,
         batch_sizes=sizes,
         # Batches always run "auto" beside the fixed sizes.

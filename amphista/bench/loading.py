@@ -62,8 +62,9 @@ def drafter_note(target, fallback: str = "timing vanilla decoding only") -> str:
     return f"no --drafter given for this target: {fallback}"
 
 
-def parse_drafter_args(values: list[str] | None) -> dict[str, str]:
-    """["medusa=DIR", "DIR2"] -> {"medusa": "DIR", "<basename of DIR2>": "DIR2"}."""
+def parse_drafter_args(values: list[str] | None, target=None) -> dict[str, str]:
+    """["medusa=DIR", "DIR2"] -> {"medusa": "DIR", "<basename of DIR2>": "DIR2"}; a DIR "medusa" or "amphista"
+    that holds no drafter is the one of that kind shipped for `target` (bundled.drafter_folder)."""
     out: dict[str, str] = {}
     for value in values or []:
         name, sep, path = value.partition("=")
@@ -73,7 +74,7 @@ def parse_drafter_args(values: list[str] | None) -> dict[str, str]:
             raise InputError(f"--drafter {value!r}: expected NAME=DIR, e.g. --drafter medusa=out/medusa")
         if name in out:
             raise InputError(f"two drafters are named {name!r}: give each --drafter a distinct NAME=DIR")
-        out[name] = path
+        out[name] = str(bundled.drafter_folder(path, target))
     return out
 
 

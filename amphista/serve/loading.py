@@ -57,11 +57,8 @@ def load_drafter_arg(spec: str | None, target: TargetModel, target_spec: str | N
             print(f"amphista: no --drafter given and {why}: vanilla decoding", file=sys.stderr)
             return None, None
         path = shipped["amphista"]
-    # A folder of that name wins only if it holds a drafter: from a checkout's root "amphista" is the package.
-    elif spec in bundled.BUNDLED_DRAFTERS and not (Path(spec) / "config.json").is_file():
-        path = bundled.default_drafter_path(spec, target_spec)
     else:
-        path = Path(spec)
+        path = bundled.drafter_folder(spec, target_spec)
     return for_drafting(load_drafter(path, target), target, dtype), path
 
 
