@@ -54,7 +54,7 @@ def load_target(spec=None, dtype="auto", device=None) -> TargetModel:
 
     if spec is not None:
         return TargetModel.load(spec, dtype=dtype, device=device)
-    dtype, device = parse_dtype(dtype), parse_device(device) if device is not None else None
+    dtype, device = parse_dtype(dtype), parse_device(device)
     target = load_default_target(None if dtype == "auto" else dtype)
     if device is not None:
         target.model.to(device)

@@ -134,9 +134,12 @@ def parse_dtype(dtype) -> torch.dtype | str:
     raise InputError(f"unknown dtype {dtype!r} for the target: use one of {', '.join(DTYPE_NAMES)}")
 
 
-def parse_device(device) -> torch.device:
+def parse_device(device) -> torch.device | None:
     """`device` (a name such as "cpu", "cuda", "cuda:1", "mps", or a torch.device) checked against this
-    machine: an InputError that names the fix, instead of a failure deep inside the first forward."""
+    machine: an InputError that names the fix, instead of a failure deep inside the first forward. None (no
+    device asked for) stays None."""
+    if device is None:
+        return None
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -237,7 +240,7 @@ class TargetModel:
 
         from .sources import resolve_target
 
-        dtype, device = parse_dtype(dtype), parse_device(device) if device is not None else None
+        dtype, device = parse_dtype(dtype), parse_device(device)
         given = os.fspath(path)
         path = str(resolve_target(given))
         config = check_model_dir(path)

@@ -40,7 +40,7 @@ def test_unknown_dtypes_and_devices_are_named_before_any_weight_loads():
         TargetModel.load(path, dtype=torch.int8)
     with pytest.raises(InputError, match="unknown device 'gpu'.*cuda:N"):
         TargetModel.load(path, device="gpu")
-    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device("cpu") == torch.device("cpu") and parse_device(None) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
